@@ -1,0 +1,5 @@
+import sys
+
+from glmtune.cli import main
+
+sys.exit(main())

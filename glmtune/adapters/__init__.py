@@ -1,0 +1,68 @@
+"""Adapter methods: attach to a base model, save what trained, load it back.
+
+Checkpoint contents by method:
+  lora  PEFT adapter folder: adapter_config.json + adapter_model.safetensors (full components inside,
+        as PEFT modules_to_save)
+  none  full_weights.safetensors: the trained `full` components under their official names
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmtune.adapters.lora import attach_lora
+from glmtune.adapters.trainable import set_trainable
+
+FULL_WEIGHTS = "full_weights.safetensors"
+METHODS = {"lora": attach_lora}  # adapter.method -> attach(model, family, cfg); "none" needs no wrapper
+
+
+def attach(model, family, cfg):
+    """Return the model to train: frozen base with the recipe's adapters and trainable components."""
+    if cfg.method == "none":
+        set_trainable(model, family.COMPONENTS, cfg.components)
+        return model
+    return METHODS[cfg.method](model, family, cfg)
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters under official names (method none)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model, out_dir: Path, method: str) -> None:
+    from safetensors.torch import save_file
+
+    if method == "none":
+        save_file(trained_state(model), str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(str(out_dir))
+
+
+def load_trained(model, ckpt: Path, trainable: bool = False):
+    """Apply a checkpoint's adapter (or full weights) to a freshly loaded base model."""
+    ckpt = Path(ckpt)
+    if (ckpt / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(ckpt), is_trainable=trainable)
+    if (ckpt / FULL_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(ckpt / FULL_WEIGHTS))
+        own = dict(model.named_parameters())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"{ckpt / FULL_WEIGHTS}: {len(unknown)} tensors do not exist in the model, "
+                             f"e.g. {unknown[0]}; was it trained on another model family?")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"{ckpt / FULL_WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"the model has {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+                own[name].requires_grad_(trainable)
+        return model
+    raise FileNotFoundError(f"{ckpt} holds neither adapter_config.json nor {FULL_WEIGHTS}: not a glmtune checkpoint")

@@ -1,0 +1,266 @@
+"""Recipe YAML -> typed dataclasses.
+
+A recipe is an OmegaConf YAML file plus `key=value` dotlist overrides. Every key is declared below;
+an unknown or mistyped key, a wrong type, a bad choice or a missing file stops before any work with
+a `RecipeError` naming the key, the file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+COMPONENTS = ("vision", "projector", "language")
+COMPONENT_MODES = ("frozen", "lora", "full")
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user must fix; the message says where and how."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = MISSING  # a key of glmtune.models.FAMILIES
+    path: str = MISSING  # folder in the official Hugging Face layout
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the frozen base weights
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"  # lora | none
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module-name suffixes to adapt inside the components set to `lora`; empty = the family's default
+    target: list[str] = field(default_factory=list)
+    components: dict[str, str] = field(
+        default_factory=lambda: {"vision": "frozen", "projector": "frozen", "language": "lora"}
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # data file (.jsonl or .json); image paths are relative to it
+    val: Optional[str] = None
+    format: str = "auto"  # auto | glm4 | visualglm | llava | sharegpt
+    max_length: int = 1024  # tokens incl. image tokens; longer samples are never cut inside an image
+    on_bad_sample: str = "error"  # error | skip (skipped samples are counted in summary.json)
+    shuffle_buffer: int = 256  # 0 or 1 = keep file order
+    num_workers: int = 1  # DataLoader workers that decode images
+    max_eval_samples: int = 200  # cap for the periodic eval loss and final metrics
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/glmtune"
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 2  # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # 0 = only the final checkpoint
+    eval_every: int = 0  # 0 = only at the end (when data.val is set)
+    keep_last: int = 2  # numbered checkpoints kept; checkpoint-final is never deleted
+    resume: str = "auto"  # auto | never | PATH to a checkpoint-STEP folder
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+
+
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl | wandb | tensorboard
+    run_name: Optional[str] = None
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "adapter.method": ("lora", "none"),
+    "data.format": ("auto", "glm4", "visualglm", "llava", "sharegpt"),
+    "data.on_bad_sample": ("error", "skip"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+REPORT_TO = ("jsonl", "wandb", "tensorboard")
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            out += _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+VALID_KEYS = _all_keys(Recipe)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    if not close:  # a misspelled section: match on the last part only
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in VALID_KEYS if k.endswith("." + leaf)][:1]
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(VALID_KEYS)}"
+
+
+def _check_keys(node: Any, prefix: str, where: str) -> None:
+    """Unknown keys, with the closest valid one. `components` is a free dict checked later."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if full == "adapter.components":
+            continue
+        if full not in VALID_KEYS and not any(k.startswith(full + ".") for k in VALID_KEYS):
+            leaf = full
+            while isinstance(value, dict) and value:  # suggest on the whole dotted key, e.g. trian.max_steps
+                key, value = next(iter(value.items()))
+                leaf = f"{leaf}.{key}"
+            raise RecipeError(f"{where}: unknown recipe key `{leaf}`{_suggest(leaf)}")
+        if isinstance(value, dict):
+            if full in VALID_KEYS:
+                raise RecipeError(f"{where}: `{full}` takes a single value, not a mapping")
+            _check_keys(value, full + ".", where)
+        elif any(k.startswith(full + ".") for k in VALID_KEYS):
+            raise RecipeError(f"{where}: `{full}` is a section; set its keys, e.g. `{full}.{_first_child(full)}=...`")
+
+
+def _first_child(section: str) -> str:
+    return next(k for k in VALID_KEYS if k.startswith(section + ".")).split(".")[-1]
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides, validate everything; return a typed Recipe."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        except Exception as e:  # yaml.YAMLError and friends carry the line number in their text
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections (model:, data:, train:, ...)")
+        _check_keys(raw, "", str(path))
+        layers.append((str(path), raw))
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override `{item}` must look like key=value, e.g. train.max_steps=10")
+        key, _ = item.split("=", 1)
+        try:
+            raw = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"override `{item}`: {e}") from None
+        _check_keys(raw, "", f"override `{item}`")
+        layers.append((f"override `{item}`", raw))
+
+    cfg = OmegaConf.structured(Recipe)
+    for where, raw in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, raw)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            msg = str(getattr(e, "msg", e)).splitlines()[0]
+            raise RecipeError(f"{where}: bad value for `{key}`: {msg}") from None
+    missing = sorted(k for k in VALID_KEYS if OmegaConf.is_missing(cfg, k))
+    if missing:
+        src = path if path is not None else "the command line"
+        raise RecipeError(f"{src}: required key `{missing[0]}` is not set (add it to the recipe or pass {missing[0]}=...)")
+    recipe: Recipe = OmegaConf.to_object(cfg)
+    validate(recipe, str(path) if path else "recipe", check_files=check_files)
+    return recipe
+
+
+def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
+    from glmtune.models import FAMILIES
+
+    def fail(key: str, msg: str):
+        raise RecipeError(f"{where}: `{key}` {msg}")
+
+    if recipe.model.family not in FAMILIES:
+        close = difflib.get_close_matches(recipe.model.family, list(FAMILIES), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        fail("model.family", f"is {recipe.model.family!r}, must be one of {sorted(FAMILIES)}{hint}")
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            fail(key, f"is {value!r}, must be one of {list(choices)}{hint}")
+    for item in recipe.log.report_to:
+        if item not in REPORT_TO:
+            fail("log.report_to", f"has {item!r}, items must be among {list(REPORT_TO)}")
+    comps = recipe.adapter.components
+    for name, mode in comps.items():
+        if name not in COMPONENTS:
+            close = difflib.get_close_matches(name, COMPONENTS, n=1)
+            hint = f"; did you mean `adapter.components.{close[0]}`?" if close else ""
+            fail(f"adapter.components.{name}", f"is not a component; components are {list(COMPONENTS)}{hint}")
+        if mode not in COMPONENT_MODES:
+            fail(f"adapter.components.{name}", f"is {mode!r}, must be one of {list(COMPONENT_MODES)}")
+    for name in COMPONENTS:
+        comps.setdefault(name, "frozen")
+    if recipe.adapter.method == "none" and "lora" in comps.values():
+        fail("adapter.components", "asks for `lora` but adapter.method is `none`; set adapter.method=lora or use full/frozen")
+    if recipe.adapter.method == "lora" and "lora" not in comps.values():
+        fail("adapter.components", "has no component set to `lora` although adapter.method is `lora`")
+    if "lora" not in comps.values() and "full" not in comps.values():
+        fail("adapter.components", "leaves every component frozen: nothing would train")
+    positive = {"adapter.r": recipe.adapter.r, "train.max_steps": recipe.train.max_steps,
+                "train.batch_size": recipe.train.batch_size, "train.grad_accum": recipe.train.grad_accum,
+                "data.max_length": recipe.data.max_length, "log.log_every": recipe.log.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            fail(key, f"is {value}, must be >= 1")
+    for key, value in {"train.save_every": recipe.train.save_every, "train.eval_every": recipe.train.eval_every,
+                       "train.keep_last": recipe.train.keep_last, "data.num_workers": recipe.data.num_workers,
+                       "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
+        if value < 0:
+            fail(key, f"is {value}, must be >= 0")
+    if not 0 <= recipe.train.warmup_ratio < 1:
+        fail("train.warmup_ratio", f"is {recipe.train.warmup_ratio}, must be in [0, 1)")
+    if recipe.train.resume not in ("auto", "never") and not Path(recipe.train.resume).is_dir():
+        fail("train.resume", f"is {recipe.train.resume!r}: neither auto/never nor an existing checkpoint folder")
+    if check_files:
+        model_dir = Path(recipe.model.path)
+        if not (model_dir / "config.json").is_file():
+            fail("model.path", f"= {model_dir} has no config.json; point it at a checkpoint folder in the official "
+                 f"Hugging Face layout (or create a tiny one: glmtune make-tiny {recipe.model.family} {model_dir})")
+        for key in ("train", "val"):
+            value = getattr(recipe.data, key)
+            if value is not None and not Path(value).is_file():
+                fail(f"data.{key}", f"= {value}: file not found")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(recipe))
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    OmegaConf.save(OmegaConf.structured(recipe), path)

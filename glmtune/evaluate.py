@@ -1,0 +1,74 @@
+"""`glmtune eval`: loss and generation metrics of a checkpoint on a data file -> eval.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+from glmtune.chat import generate, load_for_inference
+from glmtune.data.formats import iter_records
+from glmtune.data.sample import SampleError
+from glmtune.data.stream import StreamSpec, load_sample
+
+
+def normalize(text: str) -> str:
+    """Exact match ignores case, surrounding whitespace and trailing punctuation, as SQuAD-style EM does."""
+    text = text.strip().lower()
+    text = text.rstrip(string.punctuation + "。！？，")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None, adapter=None,
+             max_samples: int = 200, max_new_tokens: int = 32, batch_size: int = 8, data_format: str = "auto",
+             max_length: int = 4096, on_bad_sample: str = "error", print_fn=print) -> dict:
+    from glmtune.train import eval_loss
+
+    data = Path(data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data {data}: file not found")
+    family, model, processor = load_for_inference(target, adapter)
+    spec = StreamSpec(files=[str(data)], format=data_format, max_length=max_length, on_bad_sample=on_bad_sample,
+                      batch_size=batch_size, epochs=1)
+    loss = eval_loss(model, processor, spec, max_samples)
+
+    pending, results, skipped = [], [], []
+
+    def flush():
+        answers = generate(family, model, processor, [(s.turns[:-1], imgs) for s, imgs in pending], max_new_tokens)
+        for (s, _), pred in zip(pending, answers):
+            ref = s.turns[-1].text
+            results.append({"source": s.source, "question": s.turns[-2].text, "reference": ref,
+                            "prediction": pred, "exact": normalize(pred) == normalize(ref)})
+        pending.clear()
+
+    base = data.resolve().parent
+    for source, record in iter_records(data):
+        if len(results) + len(pending) >= max_samples:
+            break
+        try:
+            pending.append(load_sample(source, record, base, data_format))
+        except SampleError as e:
+            if on_bad_sample == "error":
+                raise
+            skipped.append({"source": e.source, "reason": e.reason})
+            continue
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    n = len(results)
+    report = {
+        "target": str(target), "adapter": str(adapter) if adapter else None, "data": str(data),
+        "loss": loss["loss"], "loss_tokens": loss["tokens"], "samples": n,
+        "exact_match": sum(r["exact"] for r in results) / n if n else None,
+        "skipped": skipped, "examples": results[:20],
+    }
+    out = Path(out) if out else (Path(adapter or target) / "eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    em = "n/a" if report["exact_match"] is None else f"{report['exact_match']:.3f}"
+    print_fn(f"eval: loss {report['loss']:.4f} | exact match {em} on {n} samples | skipped {len(skipped)} | -> {out}")
+    report["path"] = str(out)
+    return report

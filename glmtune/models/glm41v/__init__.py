@@ -1,0 +1,86 @@
+"""GLM-4.1V / GLM-4.5V through transformers' own `Glm4vForConditionalGeneration` (no native code needed).
+
+Official parameter names (model.safetensors.index.json of zai-org/GLM-4.1V-9B-Thinking) are the
+module names of transformers' class, so PEFT adapter keys and merged shards use them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from glmtune.models.glm41v.template import Glm41vProcessor
+from glmtune.models.glm41v.tiny import make_tiny
+
+# Component -> module-name prefixes (official names). A parameter belongs to the longest matching prefix.
+COMPONENTS = {
+    "vision": ["model.visual"],
+    "projector": ["model.visual.merger"],
+    "language": ["model.language_model", "lm_head"],
+}
+# Default LoRA targets (module-name leaves) inside each component, as LLaMA-Factory/ms-swift "all-linear".
+LORA_TARGETS = {
+    "vision": ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "projector": ["proj", "gate_proj", "up_proj", "down_proj"],
+    "language": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+# Keys of the flat July-2025 config.json (transformers 4.53) that moved into `text_config` later.
+_FLAT_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "use_cache", "attention_dropout", "attention_bias", "pad_token_id", "eos_token_id",
+)
+
+
+def normalize_config(raw: dict) -> dict:
+    """Return the config in the nested layout transformers 5 reads.
+
+    The first GLM-4.1V release wrote a flat config.json (text keys at the top level, `rope_theta`,
+    `partial_rotary_factor`, `rope_scaling.mrope_section`); current transformers silently ignores those
+    keys and would build a default-size text model, so convert them explicitly.
+    """
+    if "text_config" in raw:
+        return raw
+    out = {k: v for k, v in raw.items() if k not in _FLAT_TEXT_KEYS}
+    text = {k: raw[k] for k in _FLAT_TEXT_KEYS if k in raw}
+    rope = dict(raw.get("rope_scaling") or {})
+    rope.pop("type", None)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0),
+                               "partial_rotary_factor": raw.get("partial_rotary_factor", 0.5), **rope}
+    for k in ("rope_theta", "partial_rotary_factor", "rope_scaling", "torch_dtype"):
+        out.pop(k, None)
+    text["model_type"] = "glm4v_text"
+    out["text_config"] = text
+    return out
+
+
+def build_config(path: str | Path):
+    from transformers import Glm4vConfig
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    return Glm4vConfig(**{k: v for k, v in normalize_config(raw).items()
+                          if k not in ("architectures", "transformers_version", "model_type")})
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Official checkpoint folder -> Glm4vForConditionalGeneration, shard by shard (transformers' loader)."""
+    from transformers import Glm4vForConditionalGeneration
+
+    model = Glm4vForConditionalGeneration.from_pretrained(str(path), config=build_config(path), dtype=dtype)
+    return model.eval()
+
+
+def load_processor(path: str | Path) -> Glm41vProcessor:
+    return Glm41vProcessor(path)
+
+
+def generation_eos(model) -> list[int]:
+    eos = model.config.text_config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+__all__ = ["COMPONENTS", "LORA_TARGETS", "load_model", "load_processor", "make_tiny", "generation_eos",
+           "normalize_config", "build_config"]

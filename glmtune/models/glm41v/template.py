@@ -1,0 +1,145 @@
+"""GLM-4.1V chat format: Sample -> token ids, labels, image tensors.
+
+Layout (the official chat_template.jinja, tokenised piece by piece so labels line up exactly):
+
+    [gMASK]<sop> [<|system|> "\n" system] <|user|> "\n" {<|begin_of_image|><|image|>*N<|end_of_image|>} question
+    <|assistant|> "\n" answer <|user|> ...
+
+Targets are the answer tokens plus the `<|user|>` that follows each answer: `<|user|>` is one of the
+config's eos ids, so the model learns to stop where the official chat format ends a turn. N, the
+number of `<|image|>` tokens, is the image's patch grid t*h*w divided by spatial_merge_size^2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
+
+IGNORE = -100
+
+
+class Glm41vProcessor:
+    """Tokenizer + image processor of one checkpoint folder; picklable (sent to DataLoader workers)."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.image_processor = Glm4vImageProcessorPil.from_pretrained(str(path))
+        self.merge = self.image_processor.merge_size
+        tid = self.tokenizer.convert_tokens_to_ids
+        self.ids = {name: tid(tok) for name, tok in {
+            "gmask": "[gMASK]", "sop": "<sop>", "system": "<|system|>", "user": "<|user|>",
+            "assistant": "<|assistant|>", "boi": "<|begin_of_image|>", "eoi": "<|end_of_image|>",
+            "image": "<|image|>", "eos": "<|endoftext|>",
+        }.items()}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.ids["eos"]
+        self.newline = self.text("\n")
+
+    def text(self, s: str) -> list[int]:
+        return self.tokenizer.encode(s, add_special_tokens=False) if s else []
+
+    def images(self, images: list) -> dict:
+        if not images:
+            return {}
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def _build(self, turns: list[Turn], grids: torch.Tensor | None, source: str, generation: bool):
+        """Token ids, per-token target flags and image flags for a conversation."""
+        ids, target, is_image = [self.ids["gmask"], self.ids["sop"]], [False, False], [False, False]
+        n_images = 0
+
+        def add(tokens, tgt=False, img=False):
+            ids.extend(tokens)
+            target.extend([tgt] * len(tokens))
+            is_image.extend([img] * len(tokens))
+
+        prev = None
+        for turn in turns:
+            if turn.role == "system":
+                add([self.ids["system"]] + self.newline + self.text(turn.text))
+            elif turn.role == "user":
+                add([self.ids["user"]], tgt=prev == "assistant")  # ends the previous answer
+                add(self.newline)
+                parts = turn.text.split(IMAGE_PLACEHOLDER)
+                for i, part in enumerate(parts):
+                    if i > 0:
+                        t, h, w = grids[n_images].tolist()
+                        add([self.ids["boi"]])
+                        add([self.ids["image"]] * (t * h * w // self.merge**2), img=True)
+                        add([self.ids["eoi"]])
+                        n_images += 1
+                    add(self.text(part))
+            else:  # assistant
+                add([self.ids["assistant"]] + self.newline)
+                add(self.text(turn.text), tgt=True)
+            prev = turn.role
+        if generation:
+            add([self.ids["assistant"]] + self.newline)
+        else:
+            add([self.ids["user"]], tgt=True)  # end of the last answer
+        return ids, target, is_image
+
+    def encode(self, turns: list[Turn], images: list, source: str = "", max_length: int | None = None,
+               generation: bool = False) -> dict:
+        """Model inputs for one conversation. With `generation`, ends with the assistant prompt and has no labels.
+
+        A conversation longer than `max_length` is truncated only if the cut falls after the last image
+        token and keeps at least one target; otherwise it is a SampleError (the caller's bad-sample policy).
+        """
+        vision = self.images(images)
+        ids, target, is_image = self._build(turns, vision.get("image_grid_thw"), source, generation)
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            last_image = max((i for i, f in enumerate(is_image) if f), default=-1)
+            if generation or last_image + 2 > max_length or not any(target[:max_length]):
+                raise SampleError(source, f"{len(ids)} tokens (incl. {sum(is_image)} image tokens) exceed "
+                                          f"data.max_length={max_length} and cannot be cut without losing the "
+                                          f"image or every answer token; raise data.max_length or shorten it")
+            ids, target, is_image = ids[:max_length], target[:max_length], is_image[:max_length]
+            truncated = True
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        out = {"input_ids": input_ids, "mm_token_type_ids": torch.tensor(is_image, dtype=torch.int32), **vision}
+        if not generation:
+            out["labels"] = torch.where(torch.tensor(target), input_ids, torch.full_like(input_ids, IGNORE))
+            out["truncated"] = truncated
+        return out
+
+    def collate(self, items: list[dict], pad_left: bool = False) -> dict:
+        """Pad a list of `encode` outputs into one batch (right padding for training, left for generation)."""
+        width = max(len(x["input_ids"]) for x in items)
+        batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
+        if "labels" in items[0]:
+            batch["labels"] = []
+        for x in items:
+            n = len(x["input_ids"])
+            pad = width - n
+
+            def padded(t, value):
+                fill = torch.full((pad,), value, dtype=t.dtype)
+                return torch.cat([fill, t]) if pad_left else torch.cat([t, fill])
+
+            batch["input_ids"].append(padded(x["input_ids"], self.pad_id))
+            batch["attention_mask"].append(padded(torch.ones(n, dtype=torch.long), 0))
+            batch["mm_token_type_ids"].append(padded(x["mm_token_type_ids"], 0))
+            if "labels" in batch:
+                batch["labels"].append(padded(x["labels"], IGNORE))
+        batch = {k: torch.stack(v) for k, v in batch.items()}
+        with_images = [x for x in items if "pixel_values" in x]
+        if with_images:
+            batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
+            batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
+        return batch
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def image_tokens(self, image) -> int:
+        """Number of `<|image|>` tokens an image becomes (for `glmtune check`)."""
+        t, h, w = self.images([image])["image_grid_thw"][0].tolist()
+        return t * h * w // self.merge**2

@@ -1,0 +1,217 @@
+"""The one training loop: setup() -> train() under accelerate.
+
+The loss is normalised by the number of target tokens in the whole optimizer step (all micro-batches
+of the gradient accumulation window, all processes), so the update does not depend on how a global
+batch is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from glmtune.adapters import attach
+from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint
+from glmtune.config import Recipe, to_dict
+from glmtune.data.sample import SampleError
+from glmtune.data.stream import StreamSpec, make_loader
+from glmtune.models import get_family
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DataStats:
+    """What the data stream did, for the progress bar and summary.json."""
+    samples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    skipped: list = field(default_factory=list)  # [source, reason]
+
+    def add(self, item: dict):
+        if item["error"]:
+            raise SampleError(*item["error"])
+        self.samples += item["samples"]
+        self.tokens += item["tokens"]
+        self.truncated += item["truncated"]
+        self.skipped.extend([list(s) for s in item["skipped"]])
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Without a GPU a multi-process group must use gloo (NCCL needs CUDA); one process needs no group.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    return Accelerator(mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers)
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross entropy over target tokens, and their count."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: bool) -> StreamSpec:
+    d = recipe.data
+    return StreamSpec(files=files, format=d.format, max_length=d.max_length, on_bad_sample=d.on_bad_sample,
+                      batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
+                      seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1)
+
+
+@torch.no_grad()
+def eval_loss(model, processor, spec: StreamSpec, max_samples: int, accelerator=None) -> dict:
+    """Token-weighted mean loss over (at most `max_samples` of) one pass of `spec`'s data."""
+    world = accelerator.num_processes if accelerator else 1
+    was_training = model.training
+    model.eval()
+    total, count, stats = 0.0, 0, DataStats()
+    for item in make_loader(spec, processor):
+        stats.add(item)
+        if item["batch"] is not None:
+            loss, n = token_loss_sum(model, _to(item["batch"], model))
+            total, count = total + loss.item(), count + n
+        if stats.samples >= math.ceil(max_samples / world):
+            break
+    if world > 1:
+        t = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
+        total, count = t[0].item(), int(t[1].item())
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "tokens": count, "samples": stats.samples, "skipped": len(stats.skipped)}
+
+
+def _to(batch: dict, model) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def setup(recipe: Recipe):
+    """Everything the loop needs, resumed from a checkpoint when one applies."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    family = get_family(recipe.model.family)
+    model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = attach(model, family, recipe.adapter)
+    model.train()
+    processor = family.load_processor(recipe.model.path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    t = recipe.train
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+                              num_training_steps=t.max_steps)
+    state = {"step": 0, "batches": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": []}
+    resume_from = find_resume(recipe)
+    if resume_from is not None:
+        state.update(load_resume_state(resume_from, model, optimizer, scheduler, recipe.adapter.method))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, family, model, processor, optimizer, scheduler, state, resume_from
+
+
+def train(recipe: Recipe) -> dict:
+    from tqdm.auto import tqdm
+
+    from glmtune.logging import MetricsLogger, write_summary
+
+    accelerator, family, model, processor, optimizer, scheduler, state, resume_from = setup(recipe)
+    t, out = recipe.train, Path(recipe.train.output_dir)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    spec = stream_spec(recipe, [recipe.data.train], rank, world, train=True)
+    val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
+    loader = make_loader(spec, processor, start_batch=state["batches"], num_workers=recipe.data.num_workers)
+    batches = iter(loader)
+    stats = DataStats(state["samples"], state["tokens"], state["truncated"], list(state["skipped"]))
+    logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main)
+    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (main and recipe.log.progress_bar),
+               desc="train", dynamic_ncols=True)
+    started, last_eval, history = time.time(), None, []
+
+    def checkpoint(name: str, keep):
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(out / name, unwrapped, optimizer, scheduler, recipe,
+                            {"step": step, "batches": state["batches"], "samples": stats.samples,
+                             "tokens": stats.tokens, "truncated": stats.truncated, "skipped": stats.skipped}, keep)
+        accelerator.wait_for_everyone()
+
+    step = state["step"]
+    while step < t.max_steps:
+        tic = time.time()
+        micro = []
+        for _ in range(t.grad_accum):
+            item = next(batches)
+            stats.add(item)
+            state["batches"] += 1
+            if item["batch"] is not None:
+                micro.append(_to(item["batch"], model))
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum")) if world > 1 else n_local
+        loss_total = 0.0
+        for b in micro:
+            with accelerator.autocast():
+                loss_sum, _ = token_loss_sum(model, b)
+            # DDP averages gradients over ranks, hence the factor `world`.
+            accelerator.backward(loss_sum * world / max(n_total, 1))
+            loss_total += loss_sum.item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:
+            loss_total = accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum").item()
+        loss = loss_total / max(n_total, 1)
+        tokens_per_s = sum(int(b["attention_mask"].sum()) for b in micro) * world / max(time.time() - tic, 1e-9)
+        history.append(loss)
+        if step % recipe.log.log_every == 0 or step == t.max_steps:
+            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+                       "target_tokens": n_total, "skipped": len(stats.skipped)}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            logger.log(step, metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped))
+        bar.update(1)
+        if recipe.data.val and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            last_eval = eval_loss(model, processor, val_spec, recipe.data.max_eval_samples, accelerator)
+            logger.log(step, {"loss": last_eval["loss"]}, split="eval")
+        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            checkpoint(f"checkpoint-{step}", t.keep_last)
+    bar.close()
+    if recipe.data.val:
+        last_eval = eval_loss(model, processor, val_spec, recipe.data.max_eval_samples, accelerator)
+        logger.log(step, {"loss": last_eval["loss"]}, split="eval")
+    checkpoint("checkpoint-final", None)
+    logger.close()
+    summary = {
+        "steps": step, "resumed_from": str(resume_from) if resume_from else None,
+        "final_train_loss": history[-1] if history else None,
+        "first_train_loss": history[0] if history else None,
+        "eval": last_eval, "samples_seen": stats.samples, "tokens_seen": stats.tokens,
+        "truncated_samples": stats.truncated, "skipped_samples": len(stats.skipped),
+        "skipped": [{"source": s, "reason": r} for s, r in stats.skipped[:1000]],
+        "wall_time_s": round(time.time() - started, 2), "checkpoint": str(out / "checkpoint-final"),
+        "output_dir": str(out),
+    }
+    if main:
+        write_summary(out, summary)
+    return summary
