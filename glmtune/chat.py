@@ -36,7 +36,8 @@ def load_for_inference(model_path: str | Path, adapter: str | Path | None = None
 
 
 @torch.no_grad()
-def generate(family, model, processor, conversations: list[tuple[list[Turn], list]], max_new_tokens: int = 64) -> list[str]:
+def generate(family, model, processor, conversations: list[tuple[list[Turn], list]],
+             max_new_tokens: int = 64) -> list[str]:
     """Greedy answers for a batch of (turns ending with a user turn, PIL images)."""
     items = [processor.encode(turns, images, generation=True) for turns, images in conversations]
     batch = processor.collate(items, pad_left=True)

@@ -6,12 +6,10 @@ the token length distribution including image tokens, and how many samples `data
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from glmtune.config import Recipe
 from glmtune.data.formats import iter_records
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import load_sample
+from glmtune.data.stream import image_base, load_sample
 from glmtune.models import get_family
 
 
@@ -25,7 +23,7 @@ def _percentiles(values: list[int]) -> dict:
 
 
 def check_file(path: str, recipe: Recipe, processor) -> dict:
-    base = Path(path).resolve().parent
+    base = image_base(path, recipe.data.image_dir)
     lengths, image_tokens, bad, over = [], [], [], 0
     for source, record in iter_records(path):
         try:

@@ -37,7 +37,8 @@ def cmd_eval(args):
     from glmtune.evaluate import evaluate
 
     evaluate(args.checkpoint, args.data, out=args.out, adapter=args.adapter, max_samples=args.max_samples,
-             max_new_tokens=args.max_new_tokens, data_format=args.format, on_bad_sample=args.on_bad_sample)
+             max_new_tokens=args.max_new_tokens, data_format=args.format, on_bad_sample=args.on_bad_sample,
+             image_dir=args.image_dir)
 
 
 def cmd_merge(args):
@@ -80,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", help="adapter checkpoint to apply to a model folder")
     s.add_argument("--max-samples", type=int, default=200)
     s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--format", default="auto", choices=["auto", "glm4", "visualglm", "llava", "sharegpt"])
+    s.add_argument("--format", choices=["auto", "glm4", "visualglm", "llava", "sharegpt"],
+                   help="data format (default: the checkpoint recipe's, else auto)")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    s.add_argument("--image-dir", help="resolve relative image paths here (default: next to the data file)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("merge", help="fold a checkpoint into its base model, official layout")

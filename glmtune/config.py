@@ -50,6 +50,9 @@ class AdapterConfig:
 class DataConfig:
     train: str = MISSING  # data file (.jsonl or .json); image paths are relative to it
     val: Optional[str] = None
+    # folder that relative image paths are resolved against; empty = each data file's own folder
+    # (upstream VisualGLM/GLM-4 scripts resolve against the working directory: set image_dir=. for their data)
+    image_dir: Optional[str] = None
     format: str = "auto"  # auto | glm4 | visualglm | llava | sharegpt
     max_length: int = 1024  # tokens incl. image tokens; longer samples are never cut inside an image
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted in summary.json)
@@ -187,12 +190,14 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check
             key = getattr(e, "full_key", None) or "?"
             msg = str(getattr(e, "msg", e)).splitlines()[0]
             raise RecipeError(f"{where}: bad value for `{key}`: {msg}") from None
-    missing = sorted(k for k in VALID_KEYS if OmegaConf.is_missing(cfg, k))
+    missing = sorted(k for k in VALID_KEYS if OmegaConf.is_missing(cfg[k.split(".")[0]], k.split(".", 1)[1]))
     if missing:
         src = path if path is not None else "the command line"
-        raise RecipeError(f"{src}: required key `{missing[0]}` is not set (add it to the recipe or pass {missing[0]}=...)")
+        raise RecipeError(f"{src}: required key `{missing[0]}` is not set "
+                          f"(add it to the recipe or pass {missing[0]}=...)")
     recipe: Recipe = OmegaConf.to_object(cfg)
-    validate(recipe, str(path) if path else "recipe", check_files=check_files)
+    where = str(path) if path else "recipe"
+    validate(recipe, f"{where} with overrides {list(overrides)}" if overrides else where, check_files=check_files)
     return recipe
 
 
@@ -227,7 +232,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     for name in COMPONENTS:
         comps.setdefault(name, "frozen")
     if recipe.adapter.method == "none" and "lora" in comps.values():
-        fail("adapter.components", "asks for `lora` but adapter.method is `none`; set adapter.method=lora or use full/frozen")
+        fail("adapter.components", "asks for `lora` but adapter.method is `none`; "
+                                   "set adapter.method=lora or use full/frozen")
     if recipe.adapter.method == "lora" and "lora" not in comps.values():
         fail("adapter.components", "has no component set to `lora` although adapter.method is `lora`")
     if "lora" not in comps.values() and "full" not in comps.values():
@@ -240,6 +246,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(key, f"is {value}, must be >= 1")
     for key, value in {"train.save_every": recipe.train.save_every, "train.eval_every": recipe.train.eval_every,
                        "train.keep_last": recipe.train.keep_last, "data.num_workers": recipe.data.num_workers,
+                       "data.shuffle_buffer": recipe.data.shuffle_buffer,
+                       "data.max_eval_samples": recipe.data.max_eval_samples,
                        "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
         if value < 0:
             fail(key, f"is {value}, must be >= 0")
@@ -252,6 +260,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
         if not (model_dir / "config.json").is_file():
             fail("model.path", f"= {model_dir} has no config.json; point it at a checkpoint folder in the official "
                  f"Hugging Face layout (or create a tiny one: glmtune make-tiny {recipe.model.family} {model_dir})")
+        if recipe.data.image_dir is not None and not Path(recipe.data.image_dir).is_dir():
+            fail("data.image_dir", f"= {recipe.data.image_dir}: folder not found")
         for key in ("train", "val"):
             value = getattr(recipe.data, key)
             if value is not None and not Path(value).is_file():

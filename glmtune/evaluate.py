@@ -8,9 +8,10 @@ import string
 from pathlib import Path
 
 from glmtune.chat import generate, load_for_inference
+from glmtune.checkpoint import checkpoint_recipe
 from glmtune.data.formats import iter_records
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import StreamSpec, load_sample
+from glmtune.data.stream import StreamSpec, image_base, load_sample
 
 
 def normalize(text: str) -> str:
@@ -20,17 +21,29 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def data_defaults(target: str | Path) -> dict:
+    """A training checkpoint's data settings (format, image_dir, max_length), else generic defaults."""
+    if (Path(target) / "recipe.yaml").is_file():
+        d = checkpoint_recipe(target).data
+        return {"format": d.format, "image_dir": d.image_dir, "max_length": d.max_length}
+    return {"format": "auto", "image_dir": None, "max_length": 4096}
+
+
 def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None, adapter=None,
-             max_samples: int = 200, max_new_tokens: int = 32, batch_size: int = 8, data_format: str = "auto",
-             max_length: int = 4096, on_bad_sample: str = "error", print_fn=print) -> dict:
+             max_samples: int = 200, max_new_tokens: int = 32, batch_size: int = 8, data_format: str | None = None,
+             on_bad_sample: str = "error", image_dir: str | None = None, print_fn=print) -> dict:
+    """`data_format` / `image_dir` default to the checkpoint recipe's (when `target` is a training checkpoint)."""
     from glmtune.train import eval_loss
 
     data = Path(data)
     if not data.is_file():
         raise FileNotFoundError(f"--data {data}: file not found")
+    defaults = data_defaults(target)
+    data_format = data_format or defaults["format"]
+    image_dir = image_dir or defaults["image_dir"]
     family, model, processor = load_for_inference(target, adapter)
-    spec = StreamSpec(files=[str(data)], format=data_format, max_length=max_length, on_bad_sample=on_bad_sample,
-                      batch_size=batch_size, epochs=1)
+    spec = StreamSpec(files=[str(data)], format=data_format, image_dir=image_dir, max_length=defaults["max_length"],
+                      on_bad_sample=on_bad_sample, batch_size=batch_size, epochs=1)
     loss = eval_loss(model, processor, spec, max_samples)
 
     pending, results, skipped = [], [], []
@@ -43,7 +56,7 @@ def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None
                             "prediction": pred, "exact": normalize(pred) == normalize(ref)})
         pending.clear()
 
-    base = data.resolve().parent
+    base = image_base(data, image_dir)
     for source, record in iter_records(data):
         if len(results) + len(pending) >= max_samples:
             break

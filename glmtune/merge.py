@@ -87,7 +87,8 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
                 w = f.get_tensor(name)
                 if name in replace:
                     if replace[name].shape != w.shape:
-                        raise RecipeError(f"{ckpt}: {name} has shape {tuple(replace[name].shape)}, base has {tuple(w.shape)}")
+                        raise RecipeError(f"{ckpt}: {name} has shape {tuple(replace[name].shape)}, "
+                                          f"base has {tuple(w.shape)}")
                     w = replace[name].to(w.dtype)
                     used.add(name)
                 elif name in deltas:

@@ -66,7 +66,8 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: bool) -> StreamSpec:
     d = recipe.data
-    return StreamSpec(files=files, format=d.format, max_length=d.max_length, on_bad_sample=d.on_bad_sample,
+    return StreamSpec(files=files, format=d.format, image_dir=d.image_dir, max_length=d.max_length,
+                      on_bad_sample=d.on_bad_sample,
                       batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
                       seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1)
 
@@ -165,7 +166,9 @@ def train(recipe: Recipe) -> dict:
             if item["batch"] is not None:
                 micro.append(_to(item["batch"], model))
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum")) if world > 1 else n_local
+        n_total = n_local
+        if world > 1:
+            n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum"))
         loss_total = 0.0
         for b in micro:
             with accelerator.autocast():

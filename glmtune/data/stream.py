@@ -35,6 +35,7 @@ from glmtune.data.sample import Sample, SampleError
 class StreamSpec:
     files: list[str]
     format: str = "auto"
+    image_dir: str | None = None  # relative image paths resolve here; None = next to each data file
     max_length: int = 1024
     on_bad_sample: str = "error"  # error | skip
     batch_size: int = 1
@@ -45,12 +46,16 @@ class StreamSpec:
     epochs: int | None = None  # None = repeat forever (training)
 
 
+def image_base(data_file: str | Path, image_dir: str | None) -> Path:
+    return Path(image_dir).resolve() if image_dir else Path(data_file).resolve().parent
+
+
 def rank_records(spec: StreamSpec, epoch: int) -> Iterator[tuple[str, dict | SampleError, Path]]:
     """This rank's records for one epoch, shuffled through a bounded buffer seeded by (seed, epoch)."""
     def raw():
         n = 0
         for f in spec.files:
-            base = Path(f).resolve().parent
+            base = image_base(f, spec.image_dir)
             for source, record in iter_records(f):
                 if n % spec.world_size == spec.rank:
                     yield source, record, base

@@ -185,7 +185,6 @@ def _iter_json(path: str | os.PathLike, chunk_size: int) -> Iterator[tuple[str, 
     the next element starts.
     """
     buf, pos, line, eof = "", 0, 1, False  # `line` is the line number of buf[pos]
-    f = None  # opened below; the helpers read it through the closure
 
     def fill() -> bool:
         # Drop what was consumed and read more; reads at least as much as is buffered so that a

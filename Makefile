@@ -1,0 +1,15 @@
+.PHONY: install test quickstart bench
+
+install:
+	bash scripts/install.sh
+
+# The README's test command: installs what the tests need, then runs the whole suite.
+test: install
+	python -m pytest -q
+
+quickstart:
+	./quickstart.sh
+
+# Benchmarks write JSON to bench/results/ (timings live here, never in tests).
+bench: install
+	python bench/bench_train.py --out bench/results/train.json

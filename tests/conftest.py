@@ -1,0 +1,29 @@
+"""Session fixtures shared by the test suite: a tiny GLM-4.1V checkpoint and the synthetic shapes data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_glm41v(tmp_path_factory) -> Path:
+    """A tiny GLM-4.1V checkpoint in the official layout, built once per test run."""
+    from glmtune.models import get_family
+
+    return Path(get_family("glm41v").make_tiny(tmp_path_factory.mktemp("tiny-glm41v"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """scripts/make_shapes_data.py output (64 train + 16 val samples, seed 0); returns the folder."""
+    spec = importlib.util.spec_from_file_location("make_shapes_data", REPO / "scripts" / "make_shapes_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("shapes-data")
+    module.make_shapes_data(out, n_train=64, n_val=16, seed=0)
+    return out
