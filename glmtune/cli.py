@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # PEFT 0.21 calls a transformers 5 property that transformers itself deprecated; not the user's concern.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,9 @@ def train(recipe: Recipe) -> dict:
     batches = iter(loader)
     stats = DataStats(state["samples"], state["tokens"], state["truncated"], list(state["skipped"]))
     logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main)
+    # In a log file (no TTY) redraw rarely, so the bar does not flood it.
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (main and recipe.log.progress_bar),
-               desc="train", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     started, last_eval, history = time.time(), None, []
 
     def checkpoint(name: str, keep):

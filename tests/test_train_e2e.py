@@ -134,13 +134,18 @@ def test_merge_equals_adapter_model_and_peft_round_trip(trained, tiny_glm41v, sh
     assert (logits_of(by_glmtune, proc, image) - reference).abs().max() <= 1e-5
 
 
-def test_method_none_trains_full_components_and_merges(tiny_glm41v, shapes_data, tmp_path):
+def test_method_none_trains_full_components_and_merges(tiny_glm41v, shapes_data, tmp_path, monkeypatch):
+    """Also the run that reports to every logger (wandb offline: no network)."""
     from glmtune.merge import merge
     from glmtune.train import train
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     summary = train(recipe_for(tiny_glm41v, shapes_data, tmp_path / "run", "train.max_steps=3", "adapter.method=none",
                                "adapter.components.vision=frozen", "adapter.components.projector=full",
-                               "adapter.components.language=frozen"))
+                               "adapter.components.language=frozen", "log.report_to=[jsonl,wandb,tensorboard]"))
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))) == 1
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = Path(summary["checkpoint"])
     state = load_file(str(ckpt / "full_weights.safetensors"))
     assert state and all(k.startswith("model.visual.merger.") for k in state)
