@@ -44,9 +44,7 @@ def generate(family, model, processor, conversations: list[tuple[list[Turn], lis
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     eos = family.generation_eos(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=processor.pad_id)
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = family.generate(model, batch, max_new_tokens, eos, processor.pad_id)
     return [processor.decode([t for t in row.tolist() if t not in eos]).strip() for row in new]
 
 

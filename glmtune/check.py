@@ -34,7 +34,7 @@ def check_file(path: str, recipe: Recipe, processor) -> dict:
             continue
         n = len(item["input_ids"])
         lengths.append(n)
-        image_tokens.append(int(item["mm_token_type_ids"].sum()))
+        image_tokens.append(processor.image_token_count(item))
         over += n > recipe.data.max_length
     return {"file": path, "samples": len(lengths), "bad_samples": len(bad), "bad": bad,
             "tokens": _percentiles(lengths), "image_tokens": _percentiles(image_tokens),

@@ -1,4 +1,4 @@
-"""`glmtune {train,check,eval,merge,chat,make-tiny}`: thin argument parsing over the modules."""
+"""`glmtune {train,check,eval,merge,chat,inspect,make-tiny}`: thin argument parsing over the modules."""
 
 from __future__ import annotations
 
@@ -54,6 +54,15 @@ def cmd_chat(args):
     chat(args.model, image=args.image, prompt=args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens)
 
 
+def cmd_inspect(args):
+    from glmtune.config import load_recipe
+    from glmtune.inspect import inspect_model
+
+    recipe = load_recipe(args.recipe, args.overrides, check_files=False) if args.recipe else None
+    report = inspect_model(args.model, family=args.family, meta=args.meta, recipe=recipe)
+    print(json.dumps(report, indent=1))
+
+
 def cmd_make_tiny(args):
     from glmtune.models import get_family
 
@@ -99,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="one question, one answer; without it: interactive")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("inspect", help="parameter names/shapes (JSON) and what a recipe would train")
+    s.add_argument("model", help="folder with config.json (weights are not read)")
+    s.add_argument("--meta", action="store_true", help="build on the meta device: full-size configs cost no memory")
+    s.add_argument("--family", help="model family (default: from config.json, or the recipe's)")
+    s.add_argument("--recipe", help="recipe whose adapter settings decide what trains")
+    s.add_argument("overrides", nargs="*", help="key=value overrides for --recipe")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("make-tiny", help="write a tiny checkpoint in the official layout")
     s.add_argument("family")

@@ -211,6 +211,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
         close = difflib.get_close_matches(recipe.model.family, list(FAMILIES), n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         fail("model.family", f"is {recipe.model.family!r}, must be one of {sorted(FAMILIES)}{hint}")
+    if recipe.train.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as the boolean false
+        recipe.train.mixed_precision = "no"
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(recipe, section), name)

@@ -19,20 +19,9 @@ import torch
 from glmtune.adapters import FULL_WEIGHTS
 from glmtune.checkpoint import checkpoint_recipe
 from glmtune.config import RecipeError
+from glmtune.models.weights import weight_files
 
 PEFT_PREFIX = "base_model.model."
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The base checkpoint's safetensors shards (index order), or its single model.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors.index.json or model.safetensors to merge into")
 
 
 def adapter_updates(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -72,6 +61,8 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
     if out.resolve() == base.resolve():
         raise RecipeError(f"--out {out} is the base model folder; choose a new folder")
     shards = weight_files(base)
+    if any(s.suffix != ".safetensors" for s in shards):
+        raise RecipeError(f"{base}: merge writes safetensors shards and needs a safetensors base checkpoint")
     deltas, replace = adapter_updates(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     shard_names = {s.name for s in shards}

@@ -6,7 +6,9 @@ A family is a module exposing:
   load_model(path, dtype) -> nn.Module        official checkpoint folder -> model (eval mode)
   load_processor(path) -> processor           .encode(turns, images, source, max_length, generation)
                                               .collate(items, pad_left) .decode(ids) .pad_id
+  build_model(path, meta) -> nn.Module        the model config.json describes (meta device: no memory)
   generation_eos(model) -> list[int]
+  generate(model, batch, max_new_tokens, eos, pad_id) -> new token ids (greedy, KV cache)
   make_tiny(out_dir, seed) -> Path            tiny checkpoint in the official layout
 New families (native GLM-4V-9B, VisualGLM-6B) plug in by adding one line here.
 """
@@ -20,6 +22,8 @@ from types import ModuleType
 
 FAMILIES = {
     "glm41v": "glmtune.models.glm41v",  # GLM-4.1V / GLM-4.5V (transformers Glm4vForConditionalGeneration)
+    "glm4v": "glmtune.models.glm4v",  # GLM-4V-9B, native (GLM-4 + EVA2-CLIP-E)
+    "glm4": "glmtune.models.glm4",  # GLM-4-9B-Chat, native (GLM-4V-9B's text model)
 }
 
 
@@ -30,16 +34,17 @@ def get_family(name: str) -> ModuleType:
     return importlib.import_module(FAMILIES[name])
 
 
-# config.json `model_type` -> family, for folders given without a recipe (merged models, chat, eval).
-MODEL_TYPES = {"glm4v": "glm41v"}
-
-
 def detect_family(model_dir: str | Path) -> str:
+    """Family of a model folder from its config.json (for merged models, chat and eval without a recipe)."""
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; pass a model folder in the official layout "
                                 f"or a checkpoint folder written by `glmtune train`")
-    model_type = json.loads(cfg.read_text()).get("model_type", "")
-    if model_type not in MODEL_TYPES:
-        raise KeyError(f"{cfg}: model_type {model_type!r} is not a supported family; known: {sorted(MODEL_TYPES)}")
-    return MODEL_TYPES[model_type]
+    raw = json.loads(cfg.read_text())
+    model_type = raw.get("model_type", "")
+    if model_type == "glm4v":
+        return "glm41v"
+    if model_type == "chatglm" and "multi_query_group_num" in raw:  # GLM-4 generation of the chatglm format
+        return "glm4v" if raw.get("vision_config") else "glm4"
+    raise KeyError(f"{cfg}: model_type {model_type!r} with these keys is not a supported family; "
+                   f"known: {', '.join(sorted(FAMILIES))}")

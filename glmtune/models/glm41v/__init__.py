@@ -82,5 +82,20 @@ def generation_eos(model) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
+def build_model(path: str | Path, meta: bool = False):
+    """The model config.json describes, on the meta device (no memory) or with fresh weights."""
+    from transformers import Glm4vForConditionalGeneration
+
+    with torch.device("meta" if meta else "cpu"):
+        return Glm4vForConditionalGeneration(build_config(path))
+
+
+def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
+    """Greedy decoding through transformers' generate (M-RoPE positions, KV cache); returns the new tokens."""
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=pad_id)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
 __all__ = ["COMPONENTS", "LORA_TARGETS", "load_model", "load_processor", "make_tiny", "generation_eos",
-           "normalize_config", "build_config"]
+           "normalize_config", "build_config", "build_model", "generate"]

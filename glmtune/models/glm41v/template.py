@@ -139,7 +139,6 @@ class Glm41vProcessor:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def image_tokens(self, image) -> int:
-        """Number of `<|image|>` tokens an image becomes (for `glmtune check`)."""
-        t, h, w = self.images([image])["image_grid_thw"][0].tolist()
-        return t * h * w // self.merge**2
+    def image_token_count(self, item: dict) -> int:
+        """Sequence positions taken by images in an `encode` output (for `glmtune check`)."""
+        return int(item["mm_token_type_ids"].sum())

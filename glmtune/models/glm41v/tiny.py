@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from glmtune.models.tiny_corpus import TINY_CORPUS
+
 # Official order of the added tokens (ids 151329..151351 in GLM-4.1V's tokenizer_config.json).
 SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
@@ -67,17 +69,6 @@ CHAT_TEMPLATE = """[gMASK]<sop>
 {% if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
-# Text the tiny BPE is trained on: the quickstart's vocabulary plus general English and Chinese,
-# so that common words are single tokens and anything else still encodes (byte fallback).
-_CORPUS = [
-    "What colour is the shape? What shape is it? Where is the shape? Describe the image.",
-    "red green blue yellow black white orange purple circle square triangle top bottom left right",
-    "top left top right bottom left bottom right center middle the a an is are of in on and with",
-    "The quick brown fox jumps over the lazy dog. A picture of a cat sitting on a mat.",
-    "Question: what is shown in this image? Answer: a small red circle in the top left corner.",
-    "Hello! How can I help you today? Thank you. Yes, no. 0 1 2 3 4 5 6 7 8 9 10 100",
-    "你好，这是什么？图片里有一个红色的圆形。问：答：描述这张图片。",
-]
 TINY_BPE_VOCAB = 480
 
 # initializer_range 0.1 (official 0.02): at width 128 a 0.02-init frozen lm_head caps logits near +-2.5,
@@ -111,7 +102,7 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TINY_BPE_VOCAB, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)  # appended after the regular vocabulary, in order
     return tok
 

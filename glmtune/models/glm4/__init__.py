@@ -1,0 +1,23 @@
+"""GLM-4-9B-Chat (THUDM/glm-4-9b-chat): the text model of GLM-4V-9B, same native code without the vision tower."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from glmtune.models.glm4v import COMPONENTS as _VISION_COMPONENTS
+from glmtune.models.glm4v import LORA_TARGETS as _VISION_TARGETS
+from glmtune.models.glm4v import (
+    build_model,
+    generate,
+    generation_eos,
+    load_model,
+    load_processor,
+)
+from glmtune.models.glm4v.tiny import make_tiny as _make_tiny
+
+COMPONENTS = {"language": _VISION_COMPONENTS["language"]}
+LORA_TARGETS = {"language": _VISION_TARGETS["language"]}
+make_tiny = partial(_make_tiny, vision=False)
+
+__all__ = ["COMPONENTS", "LORA_TARGETS", "build_model", "load_model", "load_processor", "make_tiny",
+           "generation_eos", "generate"]

@@ -1,0 +1,80 @@
+"""GLM-4V-9B (THUDM/glm-4v-9b): native GLM-4 + EVA2-CLIP-E, loaded from the official layout, no remote code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmtune.models.glm4v.config import load_config
+from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
+from glmtune.models.glm4v.template import Glm4Processor
+from glmtune.models.glm4v.tiny import make_tiny
+from glmtune.models.weights import load_strict
+
+# Component -> official module-name prefixes; a parameter belongs to the longest matching prefix.
+# The projector is the conv downsample + GLU adapter (LLaMA-Factory/ms-swift call linear_proj the aligner);
+# the learned boi/eoi vectors are parameters of `transformer.vision` itself and go with the vision tower.
+COMPONENTS = {
+    "vision": ["transformer.vision"],
+    "projector": ["transformer.vision.linear_proj", "transformer.vision.conv"],
+    "language": ["transformer.embedding", "transformer.encoder", "transformer.output_layer",
+                 "transformer.rotary_pos_emb"],
+}
+LORA_TARGETS = {
+    "vision": ["attention.query_key_value", "attention.dense", "mlp.fc1", "mlp.fc2"],
+    "projector": ["linear_proj", "dense_h_to_4h", "gate_proj", "dense_4h_to_h"],
+    "language": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGeneration:
+    """The model config.json describes, on the meta device (no memory) or with uninitialised weights."""
+    cfg = load_config(path)
+    with torch.device("meta" if meta else "cpu"):
+        return ChatGLMForConditionalGeneration(cfg)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Official checkpoint folder -> model, shard by shard, with a strict name and shape check."""
+    return load_strict(build_model(path, meta=True), path, dtype).eval()
+
+
+def load_processor(path: str | Path) -> Glm4Processor:
+    return Glm4Processor(path)
+
+
+def generation_eos(model) -> list[int]:
+    return list(model.config.eos_token_id)
+
+
+@torch.no_grad()
+def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
+    """Greedy decoding with the KV cache; returns the new tokens (B, <= max_new_tokens), pad after eos.
+
+    The next token's position continues the unexpanded prompt positions (last position + 1), while the
+    cache holds the expanded image positions, as upstream.
+    """
+    out = model(**batch, use_cache=True)
+    past, mask = out.past_key_values, batch["attention_mask"]
+    pos = batch["position_ids"].max(dim=1).values
+    done = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
+    stop = torch.tensor(eos, device=pos.device)
+    new = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        new.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        pos = pos + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], position_ids=pos[:, None], attention_mask=mask,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return torch.stack(new, dim=1)
+
+
+__all__ = ["COMPONENTS", "LORA_TARGETS", "build_model", "load_model", "load_processor", "make_tiny",
+           "generation_eos", "generate"]

@@ -1,0 +1,236 @@
+"""GLM-4 (GLM-4-9B-Chat) and GLM-4V-9B in plain PyTorch, with the official module and parameter names.
+
+Module names equal the official checkpoint's (`transformer.encoder.layers.N.self_attention.query_key_value`,
+`transformer.vision...`), so the official safetensors load by name and PEFT adapters get the keys PEFT
+gives on the official remote-code model. Shapes in comments: B batch, T tokens, H heads, G KV groups,
+D head dim, C hidden.
+
+Images (GLM-4V): the template has already expanded each `<|begin_of_image|><|endoftext|><|end_of_image|>`
+span to 2 + num_patches positions and marked them in `image_mask`; the vision tower's output (learned boi,
+patches, learned eoi) replaces the embeddings there. Position ids come from the template too (all patches
+share one position id, as upstream), so the model itself needs no knowledge of the prompt format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glmtune.models.glm4v.config import Glm4Config
+from glmtune.models.glm4v.vision import EVA2CLIPModel
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def rope_cos_sin(position_ids, cfg: Glm4Config, dtype):
+    """cos/sin (B, T, rotary_dim/2) for base 10000 * rope_ratio (the stored inv_freq buffer ignores rope_ratio)."""
+    dim = cfg.rotary_dim
+    base = 10000.0 * cfg.rope_ratio
+    theta = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim))
+    angles = position_ids.float()[..., None] * theta
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if dtype in (torch.float16, torch.bfloat16):  # upstream rounds its cache to the model dtype
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first rotary_dim dims of each head as interleaved pairs (0,1), (2,3), ...; x: (B, H, T, D)."""
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
+    c, s = cos[:, None], sin[:, None]  # (B, 1, T, rot/2)
+    out = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 1] * c + pairs[..., 0] * s], dim=-1)
+    return torch.cat([out.flatten(-2).to(x.dtype), x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.cfg = cfg
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.kv_groups * cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                         bias=cfg.add_qkv_bias or cfg.add_bias_linear)
+        self.dense = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.add_bias_linear)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        B, T, _ = x.shape
+        H, G, D = self.cfg.num_attention_heads, self.cfg.kv_groups, self.cfg.head_dim
+        q, k, v = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.view(B, T, G, D).transpose(1, 2), cos, sin)  # (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        # each KV group serves H/G consecutive query heads
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(y.transpose(1, 2).reshape(B, T, self.q_size)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=cfg.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: [gate | up]
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        attn, present = self.self_attention(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, cos, sin, mask, past=None):
+        presents = []
+        for i, layer in enumerate(self.layers):
+            layer_past = past[i] if past is not None else None
+            if self.gradient_checkpointing and self.training:
+                x, present = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, layer_past,
+                                                               use_reentrant=False)
+            else:
+                x, present = layer(x, cos, sin, mask, layer_past)
+            presents.append(present)
+        return self.final_layernorm(x), presents
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the official checkpoint's `rotary_pos_emb.inv_freq` buffer (loaded, never used by the math)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+
+
+def attention_mask_4d(attention_mask, q_len: int, past_len: int):
+    """Bool (B, 1, Tq, Tk), True = attend: causal over past + current keys, padding keys masked.
+
+    Query rows that are themselves padding attend everywhere (as upstream), which avoids NaN rows.
+    """
+    k_len = past_len + q_len
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=attention_mask.device).tril(past_len)
+    keys = attention_mask[:, None, None, :k_len].bool()
+    mask = causal[None, None] & keys
+    query_is_pad = ~attention_mask[:, None, past_len:past_len + q_len, None].bool()
+    return mask | query_is_pad
+
+
+@dataclass
+class Glm4Output:
+    logits: torch.Tensor
+    past_key_values: list | None = None
+
+
+class ChatGLMModel(nn.Module):
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg)
+        self.rotary_pos_emb = RotaryEmbedding(cfg.rotary_dim)
+        self.encoder = GLMTransformer(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+        if cfg.vision_config is not None:
+            self.vision = EVA2CLIPModel(cfg)
+
+
+class ChatGLMForConditionalGeneration(nn.Module):
+    """forward(input_ids, position_ids, attention_mask, images, image_mask, past_key_values) -> logits."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(self, cfg: Glm4Config):
+        super().__init__()
+        self.config = cfg
+        self.transformer = ChatGLMModel(cfg)
+
+    def get_input_embeddings(self):
+        return self.transformer.embedding.word_embeddings
+
+    def gradient_checkpointing_enable(self, **_):
+        self.transformer.encoder.gradient_checkpointing = True
+
+    def enable_input_require_grads(self):
+        self.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+    def embed(self, input_ids, images=None, image_mask=None):
+        x = self.transformer.embedding(input_ids)  # (B, T, C)
+        if images is not None:
+            if image_mask is None:
+                raise ValueError("images given without image_mask (the expanded image positions)")
+            vision = self.transformer.vision(images.to(x.dtype))  # (n_images, 2 + patches, C)
+            x = x.masked_scatter(image_mask[..., None].to(x.device), vision.to(x.dtype).reshape(-1, x.shape[-1]))
+        return x
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, images=None, image_mask=None,
+                past_key_values=None, use_cache: bool = False, **_):
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids, images, image_mask)
+        cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
+        # no padding and no cache: plain causal attention (SDPA's fast path)
+        mask = None if not past_len and bool(attention_mask.all()) else attention_mask_4d(attention_mask, T, past_len)
+        hidden, presents = self.transformer.encoder(x, cos, sin, mask, past_key_values)
+        logits = self.transformer.output_layer(hidden)
+        return Glm4Output(logits=logits, past_key_values=presents if use_cache else None)
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Initialise every parameter (upstream leaves many uninitialised with skip_init): normal(0, std)
+    for matrices and embeddings, ones for norm weights, zeros for biases and the learned boi/eoi."""
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "layernorm" in name or "norm1" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)

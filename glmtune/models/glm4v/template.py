@@ -1,0 +1,149 @@
+"""GLM-4 / GLM-4V chat format: Sample -> token ids, labels, positions, image tensor.
+
+Layout (upstream `apply_chat_template`, tokenised piece by piece):
+
+    [gMASK]<sop> {<|system|> "\n" text} <|user|> "\n" [<|begin_of_image|><|endoftext|><|end_of_image|>] question
+    <|assistant|> "\n" answer <|user|> ...
+
+Targets follow the official text fine-tuning demo (GLM-4 finetune_demo/finetune.py @ a3e59fb, whose label
+shift makes them): the "\n" after `<|assistant|>` (upstream generation prompts end at `<|assistant|>` and
+the model writes the metadata line), the answer, and the token after each answer (the next `<|user|>`, or a
+final `<|user|>` = eos 151336). The official vision demo labels the same tokens without the shift and never
+learns to stop; glmtune learns the stop token for GLM-4V too.
+
+The image span is expanded here to boi + num_patches + eoi positions (`image_mask`), and positions count
+in the unexpanded prompt: boi keeps its index, every patch gets boi+1, eoi and the text after keep their
+original indices, as the upstream model computes them. One image per conversation, as upstream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
+from glmtune.models.glm4v.config import load_config
+from glmtune.models.glm4v.tokenizer import Glm4Tokenizer
+
+IGNORE = -100
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+class Glm4Processor:
+    """Tokenizer + image transform of one checkpoint folder (GLM-4V-9B, or GLM-4-9B-Chat without vision)."""
+
+    def __init__(self, path: str | Path):
+        from PIL import Image
+
+        self.tokenizer = Glm4Tokenizer.from_pretrained(path)
+        cfg = load_config(path)
+        self.vision = cfg.vision_config
+        tid = self.tokenizer.convert_tokens_to_ids
+        self.ids = {name: tid(tok) for name, tok in {
+            "gmask": "[gMASK]", "sop": "<sop>", "system": "<|system|>", "user": "<|user|>",
+            "assistant": "<|assistant|>", "boi": "<|begin_of_image|>", "eoi": "<|end_of_image|>",
+            "placeholder": "<|endoftext|>",
+        }.items()}
+        self.pad_id = self.tokenizer.pad_token_id
+        self.newline = self.tokenizer.encode("\n")
+        self.resample = Image.BICUBIC
+
+    def text(self, s: str) -> list[int]:
+        return self.tokenizer.encode(s) if s else []
+
+    def image_tensor(self, image) -> torch.Tensor:
+        """Resize to image_size x image_size (bicubic), scale to [0, 1], CLIP mean/std: (3, S, S)."""
+        size = self.vision.image_size
+        x = np.asarray(image.convert("RGB").resize((size, size), self.resample), dtype=np.float32) / 255.0
+        return torch.from_numpy(((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy())
+
+    def _build(self, turns: list[Turn], has_image: bool, generation: bool):
+        """ids, target flags, image flags and positions (unexpanded index of each token)."""
+        ids, target, image, pos = [self.ids["gmask"], self.ids["sop"]], [False, False], [False, False], [0, 1]
+        n_patches = self.vision.num_patches if has_image else 0
+
+        def add(tokens, tgt=False):
+            for t in tokens:
+                pos.append(pos[-1] + 1)
+            ids.extend(tokens)
+            target.extend([tgt] * len(tokens))
+            image.extend([False] * len(tokens))
+
+        def add_image():
+            start = pos[-1] + 1
+            ids.extend([self.ids["boi"]] + [self.ids["placeholder"]] * n_patches + [self.ids["eoi"]])
+            pos.extend([start] + [start + 1] * n_patches + [start + 2])
+            target.extend([False] * (n_patches + 2))
+            image.extend([True] * (n_patches + 2))
+
+        prev = None
+        for turn in turns:
+            if turn.role == "assistant":
+                add([self.ids["assistant"]])
+                add(self.newline + self.text(turn.text), tgt=True)
+            else:
+                add([self.ids[turn.role]], tgt=prev == "assistant")  # ends the previous answer
+                add(self.newline)
+                for i, part in enumerate(turn.text.split(IMAGE_PLACEHOLDER)):
+                    if i > 0:
+                        add_image()
+                    add(self.text(part))
+            prev = turn.role
+        if generation:
+            add([self.ids["assistant"]])
+        else:
+            add([self.ids["user"]], tgt=True)  # eos 151336 ends the last answer
+        return ids, target, image, pos
+
+    def encode(self, turns: list[Turn], images: list, source: str = "", max_length: int | None = None,
+               generation: bool = False) -> dict:
+        if len(images) > 1:
+            raise SampleError(source, f"{len(images)} images: GLM-4V takes one image per conversation")
+        if images and self.vision is None:
+            raise SampleError(source, "this checkpoint has no vision tower (GLM-4 text model) but the sample has "
+                                      "an image; use a GLM-4V checkpoint or text-only data")
+        ids, target, image, pos = self._build(turns, bool(images), generation)
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            last_image = max((i for i, f in enumerate(image) if f), default=-1)
+            if generation or last_image + 2 > max_length or not any(target[:max_length]):
+                raise SampleError(source, f"{len(ids)} tokens (incl. {sum(image)} image positions) exceed "
+                                          f"data.max_length={max_length} and cannot be cut without losing the "
+                                          f"image or every answer token; raise data.max_length or shorten it")
+            ids, target, image, pos = ids[:max_length], target[:max_length], image[:max_length], pos[:max_length]
+            truncated = True
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        out = {"input_ids": input_ids, "position_ids": torch.tensor(pos, dtype=torch.long),
+               "image_mask": torch.tensor(image, dtype=torch.bool)}
+        if images:
+            out["images"] = self.image_tensor(images[0])[None]
+        if not generation:
+            out["labels"] = torch.where(torch.tensor(target), input_ids, torch.full_like(input_ids, IGNORE))
+            out["truncated"] = truncated
+        return out
+
+    def collate(self, items: list[dict], pad_left: bool = False) -> dict:
+        width = max(len(x["input_ids"]) for x in items)
+        fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
+        keys = [k for k in fills if k in items[0]]
+        batch = {k: [] for k in keys + ["attention_mask"]}
+        for x in items:
+            pad = width - len(x["input_ids"])
+            for k in keys + ["attention_mask"]:
+                t = x[k] if k != "attention_mask" else torch.ones(len(x["input_ids"]), dtype=torch.long)
+                fill = torch.full((pad,), fills.get(k, 0), dtype=t.dtype)
+                batch[k].append(torch.cat([fill, t]) if pad_left else torch.cat([t, fill]))
+        batch = {k: torch.stack(v) for k, v in batch.items()}
+        images = [x["images"] for x in items if "images" in x]
+        if images:
+            batch["images"] = torch.cat(images)
+        return batch
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def image_token_count(self, item: dict) -> int:
+        return int(item["image_mask"].sum())

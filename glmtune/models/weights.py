@@ -1,0 +1,105 @@
+"""Official checkpoint files <-> native modules: streaming, strict loading and sharded saving.
+
+Loading builds the model on the meta device, allocates it once (`to_empty`), then copies shard by shard,
+so peak memory is the model plus one shard. The check is strict: every checkpoint tensor is used, every
+parameter and persistent buffer is filled, shapes are equal; a mismatch names the tensor and the file.
+`.bin` shards (VisualGLM-6B / ChatGLM-6B) are read with `torch.load(weights_only=True)`: no pickle code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint's weight shards in index order, or its single weight file."""
+    model_dir = Path(model_dir)
+    for index in INDEX_FILES:
+        if (model_dir / index).is_file():
+            names = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
+            missing = [n for n in names if not (model_dir / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{model_dir / index} lists {missing[0]}, which is not in {model_dir}")
+            return [model_dir / n for n in names]
+    for single in SINGLE_FILES:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise FileNotFoundError(f"{model_dir}: no {' / '.join(INDEX_FILES + SINGLE_FILES)}")
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+
+
+def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fill a (meta or materialised) model from the checkpoint folder, strictly, shard by shard."""
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu")
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    filled = set()
+    with torch.no_grad():
+        for shard in weight_files(model_dir):
+            for name, tensor in iter_shard(shard):
+                if name not in targets:
+                    raise ValueError(f"{shard}: tensor {name} has no place in the model; is this checkpoint of "
+                                     f"another family or size? (model has e.g. {next(iter(targets))})")
+                target = targets[name]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{shard}: {name} has shape {tuple(tensor.shape)}, the model built from "
+                                     f"config.json expects {tuple(target.shape)}")
+                target.copy_(tensor)
+                filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise ValueError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def save_sharded(state: dict[str, torch.Tensor], out_dir: str | Path, max_shard_bytes: int,
+                 prefix: str = "model", ext: str = "safetensors") -> list[Path]:
+    """Write `prefix-0000N-of-0000M.{ext}` shards plus the official index json (weight_map + total_size)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        n = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += n
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
+        if ext == "safetensors":
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out_dir / name)
+        weight_map.update({k: name for k in shard})
+        paths.append(out_dir / name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+    (out_dir / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return paths
