@@ -109,7 +109,9 @@ def setup(recipe: Recipe):
     family = get_family(recipe.model.family)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it; native models keep the classic name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.enable_input_require_grads()
     model = attach(model, family, recipe.adapter)
     model.train()

@@ -1,0 +1,121 @@
+"""Every family's recipes end to end on tiny checkpoints: each recipe trains (loss falls), the
+merge of the trained adapter equals the adapter model (PEFT round trip included), chat answers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmtune.config import load_recipe
+from glmtune.data.sample import Turn
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS, SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """Text-only QA for GLM-4-9B-Chat: the answer is in the question's context."""
+    out = tmp_path_factory.mktemp("text-data")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("val", 8)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+                q = f"There is a {colour} {shape}. What colour is the shape?"
+                f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                                 {"role": "assistant", "content": colour}]}) + "\n")
+    return out
+
+
+# recipe -> (model fixture, data fixture, recipe-specific overrides, bound on final/first loss after 16 steps)
+# Training only the projector cannot touch the text tokens' loss, hence its looser bound.
+CASES = {
+    "glm41v/lora.yaml": ("tiny_glm41v", "shapes_data", [], 0.8),
+    "glm4v/lora.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
+    "glm4v/lora_vision.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
+    "glm4v/projector_full.yaml": ("tiny_glm4v", "shapes_data", [], 0.9),
+    "glm4/lora.yaml": ("tiny_glm4", "text_data", [], 0.8),
+}
+
+
+def run(request, recipe_name: str, out: Path, *extra: str):
+    from glmtune.train import train
+
+    model_fixture, data_fixture, own, _ = CASES[recipe_name]
+    model, data = request.getfixturevalue(model_fixture), request.getfixturevalue(data_fixture)
+    recipe = load_recipe(ROOT / "recipes" / recipe_name, [
+        f"model.path={model}", f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
+        f"train.output_dir={out}", "model.dtype=float32", "train.mixed_precision=no", "train.batch_size=4",
+        "train.grad_accum=2", "train.max_steps=16", "train.lr=1e-2", "adapter.dropout=0.0", "train.save_every=0",
+        "data.max_length=128", "data.num_workers=0", "log.progress_bar=false", "train.resume=never", *own, *extra])
+    return model, data, train(recipe)
+
+
+def logits(model, processor, turns, images):
+    batch = processor.collate([processor.encode(turns, images)])
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+@pytest.mark.parametrize("recipe_name", list(CASES))
+def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_path):
+    from PIL import Image
+
+    from glmtune.adapters import load_trained
+    from glmtune.merge import merge
+    from glmtune.models import get_family
+
+    model_dir, data, summary = run(request, recipe_name, tmp_path / "run")
+    assert summary["steps"] == 16 and summary["skipped_samples"] == 0
+    assert summary["final_train_loss"] < CASES[recipe_name][3] * summary["first_train_loss"], summary
+
+    family = get_family(recipe_name.split("/")[0])
+    processor = family.load_processor(model_dir)
+    if "glm4v" in recipe_name or "glm41v" in recipe_name:
+        turns = [Turn("user", "<image>What colour is the shape?"), Turn("assistant", "red")]
+        images = [Image.open(data / "images" / "val_00000.png").convert("RGB")]
+    else:
+        turns, images = [Turn("user", "There is a red square. What colour is it?"), Turn("assistant", "red")], []
+    ckpt = Path(summary["checkpoint"])
+    tuned = load_trained(family.load_model(model_dir), ckpt).eval()  # PeftModel.from_pretrained for LoRA
+    reference = logits(tuned, processor, turns, images)
+    base = logits(family.load_model(model_dir), processor, turns, images)
+    assert (reference - base).abs().max() > 1e-3  # training changed the model
+
+    merged = merge(ckpt, tmp_path / "merged")
+    assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    assert json.loads((merged / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    merged_logits = logits(family.load_model(merged), processor, turns, images)  # strict load: same names
+    assert (merged_logits - reference).abs().max() <= 1e-5
+
+
+def test_glm4v_chat_and_eval(request, tmp_path):
+    from glmtune.chat import chat
+    from glmtune.evaluate import evaluate
+
+    model_dir, data, summary = run(request, "glm4v/lora.yaml", tmp_path / "run")
+    image = data / "images" / "val_00000.png"
+    reply = chat(summary["checkpoint"], image=str(image), prompt="What colour is the shape?", max_new_tokens=3,
+                 print_fn=lambda s: None)
+    assert isinstance(reply, str)
+    report = evaluate(summary["checkpoint"], data / "val.jsonl", out=tmp_path / "eval.json", max_samples=4,
+                      print_fn=lambda s: None)
+    assert report["samples"] == 4 and report["loss"] > 0
+
+
+def test_glm4_text_family_rejects_images(request, tmp_path, shapes_data):
+    from glmtune.check import check
+
+    model = request.getfixturevalue("tiny_glm4")
+    recipe = load_recipe(ROOT / "recipes/glm4/lora.yaml", [f"model.path={model}",
+                                                           f"data.train={shapes_data / 'val.jsonl'}"])
+    report = check(recipe, print_fn=lambda s: None)
+    (file_report,) = report["files"]
+    assert file_report["samples"] == 0 and file_report["bad_samples"] == 16
+    assert "no vision tower" in file_report["bad"][0]["reason"]
