@@ -35,10 +35,13 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"  # lora | none
+    method: str = "lora"  # lora | dora | qlora | none (ptuning: see AdapterConfig docs in README)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)
+    # qlora: the vision tower stays in full precision unless asked (its quantization error is large)
+    quantize_vision: bool = False
     # module-name suffixes to adapt inside the components set to `lora`; empty = the family's default
     target: list[str] = field(default_factory=list)
     components: dict[str, str] = field(
@@ -99,13 +102,14 @@ class Recipe:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "adapter.method": ("lora", "none"),
+    "adapter.method": ("lora", "dora", "qlora", "none"),
     "data.format": ("auto", "glm4", "visualglm", "llava", "sharegpt"),
     "data.on_bad_sample": ("error", "skip"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 REPORT_TO = ("jsonl", "wandb", "tensorboard")
+LORA_METHODS = ("lora", "dora", "qlora")  # methods that put LoRA matrices on the `lora` components
 
 
 def _all_keys(cls, prefix="") -> list[str]:
@@ -236,8 +240,9 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     if recipe.adapter.method == "none" and "lora" in comps.values():
         fail("adapter.components", "asks for `lora` but adapter.method is `none`; "
                                    "set adapter.method=lora or use full/frozen")
-    if recipe.adapter.method == "lora" and "lora" not in comps.values():
-        fail("adapter.components", "has no component set to `lora` although adapter.method is `lora`")
+    if recipe.adapter.method in LORA_METHODS and "lora" not in comps.values():
+        fail("adapter.components", f"has no component set to `lora` although adapter.method is "
+                                   f"`{recipe.adapter.method}`")
     if "lora" not in comps.values() and "full" not in comps.values():
         fail("adapter.components", "leaves every component frozen: nothing would train")
     positive = {"adapter.r": recipe.adapter.r, "train.max_steps": recipe.train.max_steps,

@@ -27,3 +27,19 @@ def shapes_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes-data")
     module.make_shapes_data(out, n_train=64, n_val=16, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v(tmp_path_factory) -> Path:
+    """A tiny GLM-4V-9B checkpoint (GLM-4 + EVA2-CLIP-E) in the official layout, built once per test run."""
+    from glmtune.models import get_family
+
+    return Path(get_family("glm4v").make_tiny(tmp_path_factory.mktemp("tiny-glm4v"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4(tmp_path_factory) -> Path:
+    """A tiny GLM-4-9B-Chat checkpoint (text only) in the official layout, built once per test run."""
+    from glmtune.models import get_family
+
+    return Path(get_family("glm4").make_tiny(tmp_path_factory.mktemp("tiny-glm4"), seed=0))

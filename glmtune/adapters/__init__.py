@@ -1,22 +1,35 @@
 """Adapter methods: attach to a base model, save what trained, load it back.
 
 Checkpoint contents by method:
-  lora  PEFT adapter folder: adapter_config.json + adapter_model.safetensors (full components inside,
-        as PEFT modules_to_save)
-  none  full_weights.safetensors: the trained `full` components under their official names
+  lora, dora  PEFT adapter folder: adapter_config.json + adapter_model.safetensors (full components inside,
+              as PEFT modules_to_save)
+  qlora       the same, plus quantization.json (which base linears were NF4)
+  none        full_weights.safetensors: the trained `full` components under their official names
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from glmtune.adapters.lora import attach_lora
+from glmtune.adapters.qlora import QUANT_FILE, prepare_qlora, quantize_like
 from glmtune.adapters.trainable import set_trainable
 
 FULL_WEIGHTS = "full_weights.safetensors"
-METHODS = {"lora": attach_lora}  # adapter.method -> attach(model, family, cfg); "none" needs no wrapper
+
+
+def attach_qlora(model, family, cfg):
+    record = prepare_qlora(model, family, cfg, next(model.parameters()).dtype)
+    model = attach_lora(model, family, cfg)
+    model.get_base_model().glmtune_quantization = record  # saved with every checkpoint
+    return model
+
+
+# adapter.method -> attach(model, family, cfg); "none" needs no wrapper
+METHODS = {"lora": attach_lora, "dora": attach_lora, "qlora": attach_qlora}
 
 
 def attach(model, family, cfg):
@@ -37,8 +50,11 @@ def save_trained(model, out_dir: Path, method: str) -> None:
 
     if method == "none":
         save_file(trained_state(model), str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
-    else:
-        model.save_pretrained(str(out_dir))
+        return
+    model.save_pretrained(str(out_dir))
+    record = getattr(model.get_base_model(), "glmtune_quantization", None)
+    if record is not None:
+        (out_dir / QUANT_FILE).write_text(json.dumps(record, indent=2))
 
 
 def load_trained(model, ckpt: Path, trainable: bool = False):
@@ -47,6 +63,7 @@ def load_trained(model, ckpt: Path, trainable: bool = False):
     if (ckpt / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        quantize_like(model, ckpt)  # QLoRA: the adapter was trained on the NF4 base
         return PeftModel.from_pretrained(model, str(ckpt), is_trainable=trainable)
     if (ckpt / FULL_WEIGHTS).is_file():
         from safetensors.torch import load_file

@@ -18,7 +18,8 @@ def attach_lora(model, family, cfg):
     full = [name for c, m in modes.items() if m == "full"
             for name in covering_modules(model, family.COMPONENTS, c)]
     config = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", use_rslora=cfg.rslora,
+        use_dora=cfg.method == "dora",
         target_modules=lora_target_regex(family.COMPONENTS, lora_comps, leaves),
         modules_to_save=full or None,
     )

@@ -35,6 +35,15 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir}: no {' / '.join(INDEX_FILES + SINGLE_FILES)}")
 
 
+def index_map(model_dir: str | Path) -> dict[str, str]:
+    """The checkpoint index's tensor -> file map ({} for single-file checkpoints)."""
+    for index in INDEX_FILES:
+        path = Path(model_dir) / index
+        if path.is_file():
+            return json.loads(path.read_text())["weight_map"]
+    return {}
+
+
 def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -68,7 +77,11 @@ def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | No
                 filled.add(name)
     missing = sorted(set(targets) - filled)
     if missing:
-        raise ValueError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
+        listed = index_map(model_dir).get(missing[0])
+        where = (f"{Path(model_dir) / listed} should hold it (per the index) but does not" if listed
+                 else f"no weight file in {model_dir} holds it")
+        raise ValueError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, "
+                         f"e.g. {missing[0]} ({where})")
     if dtype is not None:
         model.to(dtype)
     return model

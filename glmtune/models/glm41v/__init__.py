@@ -21,6 +21,8 @@ COMPONENTS = {
     "language": ["model.language_model", "lm_head"],
 }
 # Default LoRA targets (module-name leaves) inside each component, as LLaMA-Factory/ms-swift "all-linear".
+# The output head stays in full precision under QLoRA (as transformers' bitsandbytes integration does).
+OUTPUT_LAYER = "lm_head"
 LORA_TARGETS = {
     "vision": ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
     "projector": ["proj", "gate_proj", "up_proj", "down_proj"],

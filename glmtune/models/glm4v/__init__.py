@@ -21,6 +21,8 @@ COMPONENTS = {
     "language": ["transformer.embedding", "transformer.encoder", "transformer.output_layer",
                  "transformer.rotary_pos_emb"],
 }
+# The output head stays in full precision under QLoRA (as transformers' bitsandbytes integration does).
+OUTPUT_LAYER = "transformer.output_layer"
 LORA_TARGETS = {
     "vision": ["attention.query_key_value", "attention.dense", "mlp.fc1", "mlp.fc2"],
     "projector": ["linear_proj", "dense_h_to_4h", "gate_proj", "dense_4h_to_h"],
