@@ -1,7 +1,9 @@
 """Fold a checkpoint into its base model, shard by shard, into the official layout.
 
 Each base shard is read, the LoRA deltas (B @ A * scale, computed in fp32) are added to the weights they
-adapt, trained `full` components replace their tensors, and the shard is written under the same file
+adapt (DoRA: then rescaled row-wise to the learned magnitude; QLoRA: onto dequantize(quantize(W)), the
+weights the adapter was trained against; never re-quantized), trained `full` components replace their
+tensors, and the shard is written under the same file
 name with the same tensor names and dtypes. Every other file of the base folder (config, tokenizer,
 processor, chat template, generation config, index) is copied, so nothing is lost. Peak memory is one
 shard plus the adapter. Any adapter tensor that finds no base weight is an error, never silently dropped.
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from glmtune.adapters import FULL_WEIGHTS
+from glmtune.adapters.qlora import QUANT_FILE, nf4_roundtrip
 from glmtune.checkpoint import checkpoint_recipe
 from glmtune.config import RecipeError
 from glmtune.models.weights import weight_files
@@ -24,31 +27,46 @@ from glmtune.models.weights import weight_files
 PEFT_PREFIX = "base_model.model."
 
 
-def adapter_updates(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(deltas to add, tensors to replace), keyed by official parameter name."""
+def adapter_updates(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """What the checkpoint changes, keyed by official parameter name:
+    "delta" (s * B @ A, fp32), "magnitude" (DoRA), "replace" (full tensors: modules_to_save, method none)."""
     from safetensors.torch import load_file
 
     if (ckpt / FULL_WEIGHTS).is_file():
-        return {}, load_file(str(ckpt / FULL_WEIGHTS))
+        return {"delta": {}, "magnitude": {}, "replace": load_file(str(ckpt / FULL_WEIGHTS))}
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
-        raise RecipeError(f"{ckpt}: merge supports plain LoRA adapters; this one is "
-                          f"{cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''}")
+    if cfg.get("peft_type") != "LORA":
+        raise RecipeError(f"{ckpt}: merge folds LoRA / DoRA adapters; this one is {cfg.get('peft_type')}")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     tensors = load_file(str(ckpt / "adapter_model.safetensors"))
-    deltas, replace = {}, {}
+    out = {"delta": {}, "magnitude": {}, "replace": {}}
     for key, value in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if name.endswith(".lora_A.weight"):
             module = name[: -len(".lora_A.weight")]
             b = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
-            deltas[module + ".weight"] = (b.double() @ value.double()).float() * scale
-        elif name.endswith(".lora_B.weight"):
-            continue
-        else:  # modules_to_save: full tensors
-            replace[name] = value
-    return deltas, replace
+            out["delta"][module + ".weight"] = (b.double() @ value.double()).float() * scale
+        elif name.endswith(".lora_magnitude_vector"):
+            out["magnitude"][name[: -len(".lora_magnitude_vector")] + ".weight"] = value.float()
+        elif not name.endswith(".lora_B.weight"):  # modules_to_save: full tensors
+            out["replace"][name] = value
+    return out
+
+
+def merged_weight(name: str, w: torch.Tensor, updates: dict, quantized: dict) -> torch.Tensor:
+    """One base weight with the adapter folded in, computed in fp32, returned in the file's dtype."""
+    if name in updates["replace"]:
+        if updates["replace"][name].shape != w.shape:
+            raise RecipeError(f"{name}: adapter has shape {tuple(updates['replace'][name].shape)}, "
+                              f"base has {tuple(w.shape)}")
+        return updates["replace"][name].to(w.dtype)
+    # QLoRA trained against dequantize(quantize(W)): fold onto exactly that
+    base = nf4_roundtrip(w, quantized["input_dtype"]) if name in quantized.get("weights", ()) else w.float()
+    merged = base + updates["delta"].get(name, 0.0)
+    if name in updates["magnitude"]:  # DoRA: W' = m / ||W + sBA||_row * (W + sBA)
+        merged = merged * (updates["magnitude"][name] / merged.norm(dim=1))[:, None]
+    return merged.to(w.dtype)
 
 
 def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
@@ -63,31 +81,30 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
     shards = weight_files(base)
     if any(s.suffix != ".safetensors" for s in shards):
         raise RecipeError(f"{base}: merge writes safetensors shards and needs a safetensors base checkpoint")
-    deltas, replace = adapter_updates(ckpt)
+    updates = adapter_updates(ckpt)
+    quantized = {}
+    if (ckpt / QUANT_FILE).is_file():
+        record = json.loads((ckpt / QUANT_FILE).read_text())
+        quantized = {"input_dtype": record["input_dtype"], "weights": {m + ".weight" for m in record["modules"]}}
     out.mkdir(parents=True, exist_ok=True)
     shard_names = {s.name for s in shards}
     for f in base.iterdir():  # everything that is not a weight shard: config, tokenizer, processor, index...
         if f.is_file() and f.name not in shard_names:
             shutil.copy2(f, out / f.name)
-    used = set()
+    # QLoRA: every quantized weight is written as the dequantized NF4 weight the model was trained with
+    wanted, used = set(updates["delta"]) | set(updates["replace"]) | quantized.get("weights", set()), set()
     for shard in shards:
         merged = {}
         with safe_open(str(shard), framework="pt") as f:
             metadata = f.metadata() or {"format": "pt"}
             for name in f.keys():
                 w = f.get_tensor(name)
-                if name in replace:
-                    if replace[name].shape != w.shape:
-                        raise RecipeError(f"{ckpt}: {name} has shape {tuple(replace[name].shape)}, "
-                                          f"base has {tuple(w.shape)}")
-                    w = replace[name].to(w.dtype)
-                    used.add(name)
-                elif name in deltas:
-                    w = (w.float() + deltas[name]).to(w.dtype)
+                if name in wanted:
+                    w = merged_weight(name, w, updates, quantized)
                     used.add(name)
                 merged[name] = w.contiguous()
         save_file(merged, str(out / shard.name), metadata=metadata)
-    unused = sorted((set(deltas) | set(replace)) - used)
+    unused = sorted(wanted - used)
     if unused:
         raise RecipeError(f"{ckpt}: {len(unused)} adapter tensors match no weight of {base} (e.g. {unused[0]}); "
                           f"was it trained on another base model?")

@@ -40,6 +40,12 @@ CASES = {
     "glm4v/lora_vision.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
     "glm4v/projector_full.yaml": ("tiny_glm4v", "shapes_data", [], 0.9),
     "glm4/lora.yaml": ("tiny_glm4", "text_data", [], 0.8),
+    "glm41v/qlora.yaml": ("tiny_glm41v", "shapes_data", [], 0.8),
+    "glm4v/qlora.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
+    "glm4/qlora.yaml": ("tiny_glm4", "text_data", [], 0.8),
+    "glm41v/dora.yaml": ("tiny_glm41v", "shapes_data", [], 0.8),
+    "glm4v/dora.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
+    "glm4/dora.yaml": ("tiny_glm4", "text_data", [], 0.8),
 }
 
 
@@ -83,7 +89,7 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
     else:
         turns, images = [Turn("user", "There is a red square. What colour is it?"), Turn("assistant", "red")], []
     ckpt = Path(summary["checkpoint"])
-    tuned = load_trained(family.load_model(model_dir), ckpt).eval()  # PeftModel.from_pretrained for LoRA
+    tuned = load_trained(family.load_model(model_dir), ckpt).eval()  # PeftModel.from_pretrained (+ NF4 base)
     reference = logits(tuned, processor, turns, images)
     base = logits(family.load_model(model_dir), processor, turns, images)
     assert (reference - base).abs().max() > 1e-3  # training changed the model

@@ -7,6 +7,7 @@ gives on the official model, so `PeftModel.from_pretrained(base, ckpt)` works wi
 from __future__ import annotations
 
 from glmtune.adapters.trainable import covering_modules, lora_target_regex
+from glmtune.config import RecipeError
 
 
 def attach_lora(model, family, cfg):
@@ -26,5 +27,5 @@ def attach_lora(model, family, cfg):
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # PEFT: "Target modules ... not found in the base model"
-        raise ValueError(f"adapter.target {list(cfg.target)} matched no Linear layer in components "
+        raise RecipeError(f"adapter.target {list(cfg.target)} matched no Linear layer in components "
                          f"{lora_comps}; defaults are {family.LORA_TARGETS} ({e})") from None

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from glmtune.adapters.trainable import component_of
+from glmtune.config import RecipeError
 
 QUANT_FILE = "quantization.json"
 BLOCKSIZE = 64  # bitsandbytes' default NF4 block size
@@ -62,7 +63,7 @@ def prepare_qlora(model: nn.Module, family, cfg, dtype: torch.dtype) -> dict:
     """Quantize the base in place; return the record written to the checkpoint's QUANT_FILE."""
     names, kept = quantizable(model, family, cfg.components, cfg.quantize_vision)
     if not names:
-        raise ValueError("adapter.method=qlora found no linear layer to quantize in the `lora` components "
+        raise RecipeError("adapter.method=qlora found no linear layer to quantize in the `lora` components "
                          f"(in_features must be a multiple of {BLOCKSIZE}; vision needs adapter.quantize_vision)")
     quantize_linears(model, names, dtype)
     return {"quant_type": "nf4", "double_quant": True, "blocksize": BLOCKSIZE, "input_dtype": str(dtype),
