@@ -31,7 +31,7 @@ def load_for_inference(model_path: str | Path, adapter: str | Path | None = None
     family = get_family(family_name)
     model = family.load_model(model_path, dtype)
     if adapter is not None:
-        model = load_trained(model, Path(adapter))
+        model = load_trained(model, Path(adapter), family)
     return family, model.eval(), family.load_processor(model_path)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.adapters import FULL_WEIGHTS, save_trained
+from glmtune.adapters import FULL_STATE_METHODS, FULL_WEIGHTS, save_trained
 from glmtune.config import Recipe, load_recipe, save_recipe
 
 STATE = "trainer_state.json"
@@ -80,7 +80,7 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
     """Restore adapter weights, optimizer, scheduler and RNG; return trainer_state.json."""
     from safetensors.torch import load_file
 
-    if method == "none":
+    if method in FULL_STATE_METHODS:
         own = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in load_file(str(ckpt / FULL_WEIGHTS)).items():

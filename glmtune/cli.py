@@ -45,7 +45,7 @@ def cmd_merge(args):
     from glmtune.merge import merge
 
     out = merge(args.checkpoint, args.out)
-    print(f"merge: wrote {out} (official layout; load it with glmtune or transformers)")
+    print(f"merge: wrote {out} in the official layout")
 
 
 def cmd_chat(args):

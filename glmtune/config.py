@@ -35,13 +35,16 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"  # lora | dora | qlora | none (ptuning: see AdapterConfig docs in README)
+    method: str = "lora"  # lora | dora | qlora | ptuning | none
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)
     # qlora: the vision tower stays in full precision unless asked (its quantization error is large)
     quantize_vision: bool = False
+    # ptuning (P-tuning v2): learned keys/values of this many virtual tokens in every language-model layer
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False  # reparameterise the prefix through a 2-layer MLP while training
     # module-name suffixes to adapt inside the components set to `lora`; empty = the family's default
     target: list[str] = field(default_factory=list)
     components: dict[str, str] = field(
@@ -102,7 +105,7 @@ class Recipe:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "adapter.method": ("lora", "dora", "qlora", "none"),
+    "adapter.method": ("lora", "dora", "qlora", "ptuning", "none"),
     "data.format": ("auto", "glm4", "visualglm", "llava", "sharegpt"),
     "data.on_bad_sample": ("error", "skip"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
@@ -237,15 +240,19 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(f"adapter.components.{name}", f"is {mode!r}, must be one of {list(COMPONENT_MODES)}")
     for name in COMPONENTS:
         comps.setdefault(name, "frozen")
-    if recipe.adapter.method == "none" and "lora" in comps.values():
-        fail("adapter.components", "asks for `lora` but adapter.method is `none`; "
-                                   "set adapter.method=lora or use full/frozen")
+    if recipe.adapter.method in ("none", "ptuning") and "lora" in comps.values():
+        where = next(f"adapter.components.{c}" for c, m in comps.items() if m == "lora")
+        fail(where, f"is `lora` but adapter.method is `{recipe.adapter.method}`"
+                    + (" (P-tuning v2 learns prefix keys/values of the language model's attention only)"
+                       if recipe.adapter.method == "ptuning" else "")
+                    + "; set adapter.method=lora or make the component full/frozen")
     if recipe.adapter.method in LORA_METHODS and "lora" not in comps.values():
         fail("adapter.components", f"has no component set to `lora` although adapter.method is "
                                    f"`{recipe.adapter.method}`")
-    if "lora" not in comps.values() and "full" not in comps.values():
+    if "lora" not in comps.values() and "full" not in comps.values() and recipe.adapter.method != "ptuning":
         fail("adapter.components", "leaves every component frozen: nothing would train")
-    positive = {"adapter.r": recipe.adapter.r, "train.max_steps": recipe.train.max_steps,
+    positive = {"adapter.r": recipe.adapter.r, "adapter.num_virtual_tokens": recipe.adapter.num_virtual_tokens,
+                "train.max_steps": recipe.train.max_steps,
                 "train.batch_size": recipe.train.batch_size, "train.grad_accum": recipe.train.grad_accum,
                 "data.max_length": recipe.data.max_length, "log.log_every": recipe.log.log_every}
     for key, value in positive.items():

@@ -69,7 +69,36 @@ def merged_weight(name: str, w: torch.Tensor, updates: dict, quantized: dict) ->
     return merged.to(w.dtype)
 
 
-def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
+PREFIX = "transformer.prefix_encoder."
+
+
+def prefix_table(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The effective P-tuning prefix rows: the embedding, through the reparameterisation MLP if trained with one."""
+    rows = state[PREFIX + "embedding.weight"].float()
+    if PREFIX + "trans.0.weight" in state:
+        hidden = torch.tanh(rows @ state[PREFIX + "trans.0.weight"].float().T + state[PREFIX + "trans.0.bias"].float())
+        rows = hidden @ state[PREFIX + "trans.2.weight"].float().T + state[PREFIX + "trans.2.bias"].float()
+    return rows
+
+
+def export_prefix(out: Path, last_shard: str, merged_last: dict, prefix: dict, dtype: torch.dtype) -> int:
+    """Add the prefix to the last shard's tensors and declare it in config.json and the index."""
+    table = prefix_table(prefix).to(dtype).contiguous()
+    merged_last[PREFIX + "embedding.weight"] = table
+    config = json.loads((out / "config.json").read_text())
+    config.update(pre_seq_len=table.shape[0], prefix_projection=False)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    index_path = out / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["weight_map"][PREFIX + "embedding.weight"] = last_shard
+        index.setdefault("metadata", {})["total_size"] = (index.get("metadata", {}).get("total_size", 0)
+                                                          + table.numel() * table.element_size())
+        index_path.write_text(json.dumps(index, indent=2))
+    return table.shape[0]
+
+
+def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -82,6 +111,7 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
     if any(s.suffix != ".safetensors" for s in shards):
         raise RecipeError(f"{base}: merge writes safetensors shards and needs a safetensors base checkpoint")
     updates = adapter_updates(ckpt)
+    prefix = {k: updates["replace"].pop(k) for k in list(updates["replace"]) if k.startswith(PREFIX)}
     quantized = {}
     if (ckpt / QUANT_FILE).is_file():
         record = json.loads((ckpt / QUANT_FILE).read_text())
@@ -93,7 +123,7 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
             shutil.copy2(f, out / f.name)
     # QLoRA: every quantized weight is written as the dequantized NF4 weight the model was trained with
     wanted, used = set(updates["delta"]) | set(updates["replace"]) | quantized.get("weights", set()), set()
-    for shard in shards:
+    for i, shard in enumerate(shards):
         merged = {}
         with safe_open(str(shard), framework="pt") as f:
             metadata = f.metadata() or {"format": "pt"}
@@ -103,6 +133,10 @@ def merge(ckpt: str | Path, out_dir: str | Path) -> Path:
                     w = merged_weight(name, w, updates, quantized)
                     used.add(name)
                 merged[name] = w.contiguous()
+        if prefix and i == len(shards) - 1:  # P-tuning: a prefix cannot be folded into weights
+            n = export_prefix(out, shard.name, merged, prefix, next(iter(merged.values())).dtype)
+            print_fn(f"merge: a P-tuning v2 prefix cannot be folded into weights; wrote it as "
+                     f"{PREFIX}embedding.weight with pre_seq_len={n} in config.json (the form upstream GLM code reads)")
         save_file(merged, str(out / shard.name), metadata=metadata)
     unused = sorted(wanted - used)
     if unused:

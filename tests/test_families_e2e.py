@@ -89,7 +89,8 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
     else:
         turns, images = [Turn("user", "There is a red square. What colour is it?"), Turn("assistant", "red")], []
     ckpt = Path(summary["checkpoint"])
-    tuned = load_trained(family.load_model(model_dir), ckpt).eval()  # PeftModel.from_pretrained (+ NF4 base)
+    # PeftModel.from_pretrained (+ the NF4 base for QLoRA, + the prefix module for P-tuning)
+    tuned = load_trained(family.load_model(model_dir), ckpt, family).eval()
     reference = logits(tuned, processor, turns, images)
     base = logits(family.load_model(model_dir), processor, turns, images)
     assert (reference - base).abs().max() > 1e-3  # training changed the model

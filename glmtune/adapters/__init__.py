@@ -4,6 +4,7 @@ Checkpoint contents by method:
   lora, dora  PEFT adapter folder: adapter_config.json + adapter_model.safetensors (full components inside,
               as PEFT modules_to_save)
   qlora       the same, plus quantization.json (which base linears were NF4)
+  ptuning     full_weights.safetensors (the prefix encoder + any full component) and ptuning.json
   none        full_weights.safetensors: the trained `full` components under their official names
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from glmtune.adapters.lora import attach_lora
+from glmtune.adapters.ptuning import add_prefix_like, attach_ptuning, write_record
 from glmtune.adapters.qlora import QUANT_FILE, prepare_qlora, quantize_like
 from glmtune.adapters.trainable import set_trainable
 
@@ -29,7 +31,8 @@ def attach_qlora(model, family, cfg):
 
 
 # adapter.method -> attach(model, family, cfg); "none" needs no wrapper
-METHODS = {"lora": attach_lora, "dora": attach_lora, "qlora": attach_qlora}
+METHODS = {"lora": attach_lora, "dora": attach_lora, "qlora": attach_qlora, "ptuning": attach_ptuning}
+FULL_STATE_METHODS = ("none", "ptuning")  # checkpoints hold plain tensors under official names
 
 
 def attach(model, family, cfg):
@@ -48,8 +51,10 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 def save_trained(model, out_dir: Path, method: str) -> None:
     from safetensors.torch import save_file
 
-    if method == "none":
+    if method in FULL_STATE_METHODS:
         save_file(trained_state(model), str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
+        if method == "ptuning":
+            write_record(model, out_dir)
         return
     model.save_pretrained(str(out_dir))
     record = getattr(model.get_base_model(), "glmtune_quantization", None)
@@ -57,9 +62,10 @@ def save_trained(model, out_dir: Path, method: str) -> None:
         (out_dir / QUANT_FILE).write_text(json.dumps(record, indent=2))
 
 
-def load_trained(model, ckpt: Path, trainable: bool = False):
-    """Apply a checkpoint's adapter (or full weights) to a freshly loaded base model."""
+def load_trained(model, ckpt: Path, family, trainable: bool = False):
+    """Apply a checkpoint's adapter (or full weights, or P-tuning prefix) to a freshly loaded base model."""
     ckpt = Path(ckpt)
+    add_prefix_like(model, family, ckpt)
     if (ckpt / "adapter_config.json").is_file():
         from peft import PeftModel
 

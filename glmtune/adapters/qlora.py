@@ -42,7 +42,10 @@ def quantizable(model: nn.Module, family, modes: dict[str, str], quantize_vision
 
 def quantize_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype) -> None:
     """Replace each named nn.Linear by a frozen bitsandbytes NF4 Linear4bit holding the same weights."""
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RecipeError("adapter.method=qlora needs bitsandbytes: pip install 'glmtune[qlora]'") from None
 
     for name in names:
         parent_name, _, child = name.rpartition(".")

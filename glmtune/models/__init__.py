@@ -4,6 +4,7 @@ A family is a module exposing:
   COMPONENTS      {"vision" | "projector" | "language": [module-name prefixes]} (official names)
   LORA_TARGETS    {component: [module-name leaves adapted by default]}
   OUTPUT_LAYER    name of the output head (kept in full precision under QLoRA)
+  add_prefix(model, num_virtual_tokens, projection)   optional: P-tuning v2 prefix module
   load_model(path, dtype) -> nn.Module        official checkpoint folder -> model (eval mode)
   load_processor(path) -> processor           .encode(turns, images, source, max_length, generation)
                                               .collate(items, pad_left) .decode(ids) .pad_id

@@ -46,6 +46,14 @@ def load_processor(path: str | Path) -> Glm4Processor:
     return Glm4Processor(path)
 
 
+def add_prefix(model, num_virtual_tokens: int, projection: bool) -> None:
+    """P-tuning v2: a trainable `transformer.prefix_encoder` (fp32) with GQA-shaped keys/values per layer."""
+    from glmtune.models.glm4v.model import PrefixEncoder
+
+    device = model.transformer.embedding.word_embeddings.weight.device
+    model.transformer.prefix_encoder = PrefixEncoder(model.config, num_virtual_tokens, projection).to(device)
+
+
 def generation_eos(model) -> list[int]:
     return list(model.config.eos_token_id)
 
@@ -78,5 +86,5 @@ def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: in
     return torch.stack(new, dim=1)
 
 
-__all__ = ["COMPONENTS", "LORA_TARGETS", "build_model", "load_model", "load_processor", "make_tiny",
-           "generation_eos", "generate"]
+__all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model",
+           "load_processor", "make_tiny", "generation_eos", "generate"]

@@ -55,6 +55,8 @@ class Glm4Config:
     tie_word_embeddings: bool = False
     eos_token_id: list[int] = field(default_factory=lambda: [151329, 151336, 151338])
     pad_token_id: int = 151329
+    pre_seq_len: int | None = None  # P-tuning v2 prefix length (an exported prefix: transformer.prefix_encoder)
+    prefix_projection: bool = False
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     vision_config: VisionConfig | None = None
@@ -90,8 +92,6 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Glm4Config:
         if getattr(cfg, key) != value:
             raise ValueError(f"{source}: {key}={getattr(cfg, key)!r} is not supported by glmtune's native GLM-4 "
                              f"(GLM-4-9B-Chat and GLM-4V-9B use {value!r})")
-    if raw.get("pre_seq_len"):
-        raise ValueError(f"{source}: pre_seq_len={raw['pre_seq_len']} (a P-tuning v2 export) is not supported yet")
     vision = raw.get("vision_config")
     if vision:
         vknown = {f.name for f in fields(VisionConfig)}

@@ -160,6 +160,34 @@ def attention_mask_4d(attention_mask, q_len: int, past_len: int):
     return mask | query_is_pad
 
 
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: per-layer prefix keys and values, `transformer.prefix_encoder` as upstream names it.
+
+    One row per virtual token holds, for every layer, its key and value for each KV group:
+    (num_layers * 2 * groups * head_dim); with `projection`, a 2-layer MLP reparameterises the rows while
+    training (upstream's prefix_projection). Prefix keys are not rotated, as upstream feeds them as past keys.
+    """
+
+    def __init__(self, cfg: Glm4Config, pre_seq_len: int, projection: bool):
+        super().__init__()
+        self.cfg, self.pre_seq_len = cfg, pre_seq_len
+        width = cfg.num_layers * 2 * cfg.kv_groups * cfg.head_dim
+        self.embedding = nn.Embedding(pre_seq_len, width)
+        if projection:
+            self.trans = nn.Sequential(nn.Linear(width, cfg.hidden_size), nn.Tanh(), nn.Linear(cfg.hidden_size, width))
+
+    def table(self) -> torch.Tensor:
+        """(pre_seq_len, width): the effective prefix (what an export writes as embedding.weight)."""
+        rows = self.embedding.weight
+        return self.trans(rows) if hasattr(self, "trans") else rows
+
+    def forward(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.cfg
+        kv = self.table().view(self.pre_seq_len, c.num_layers * 2, c.kv_groups, c.head_dim)
+        kv = kv.permute(1, 2, 0, 3)[:, None].expand(-1, batch_size, -1, -1, -1)  # (2L, B, G, P, D)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_layers)]
+
+
 @dataclass
 class Glm4Output:
     logits: torch.Tensor
@@ -176,6 +204,8 @@ class ChatGLMModel(nn.Module):
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
         if cfg.vision_config is not None:
             self.vision = EVA2CLIPModel(cfg)
+        if cfg.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(cfg, cfg.pre_seq_len, cfg.prefix_projection)
 
 
 class ChatGLMForConditionalGeneration(nn.Module):
@@ -209,13 +239,19 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def forward(self, input_ids, position_ids=None, attention_mask=None, images=None, image_mask=None,
                 past_key_values=None, use_cache: bool = False, **_):
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids, images, image_mask)
+        prefix = getattr(self.transformer, "prefix_encoder", None)
+        if prefix is not None and not past_key_values:  # P-tuning v2: the prefix is the first cache entry
+            past_key_values = [(k.to(x.dtype), v.to(x.dtype)) for k, v in prefix(B)]
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if position_ids is None:  # positions count the user's tokens only, never the prefix
+            start = past_len - (prefix.pre_seq_len if prefix is not None else 0)
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
+        elif prefix is not None:  # callers pass the mask of their own tokens: every token sees the prefix
+            attention_mask = torch.cat([attention_mask.new_ones(B, prefix.pre_seq_len), attention_mask], dim=1)
         # no padding and no cache: plain causal attention (SDPA's fast path)
         mask = None if not past_len and bool(attention_mask.all()) else attention_mask_4d(attention_mask, T, past_len)
         hidden, presents = self.transformer.encoder(x, cos, sin, mask, past_key_values)
