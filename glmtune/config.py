@@ -241,8 +241,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     for name in COMPONENTS:
         comps.setdefault(name, "frozen")
     if recipe.adapter.method in ("none", "ptuning") and "lora" in comps.values():
-        where = next(f"adapter.components.{c}" for c, m in comps.items() if m == "lora")
-        fail(where, f"is `lora` but adapter.method is `{recipe.adapter.method}`"
+        lora_key = next(f"adapter.components.{c}" for c, m in comps.items() if m == "lora")
+        fail(lora_key, f"is `lora` but adapter.method is `{recipe.adapter.method}`"
                     + (" (P-tuning v2 learns prefix keys/values of the language model's attention only)"
                        if recipe.adapter.method == "ptuning" else "")
                     + "; set adapter.method=lora or make the component full/frozen")

@@ -158,7 +158,8 @@ def test_bad_component_mode():
 
 def test_method_none_with_lora_component():
     msg = error_of(QUICKSTART, ["adapter.method=none"])
-    assert "`adapter.components` asks for `lora` but adapter.method is `none`" in msg
+    assert "`adapter.components.vision` is `lora` but adapter.method is `none`" in msg
+    assert msg.startswith(str(QUICKSTART))
 
 
 def test_method_none_full_finetune_is_fine():

@@ -33,7 +33,8 @@ def text_data(tmp_path_factory) -> Path:
 
 
 # recipe -> (model fixture, data fixture, recipe-specific overrides, bound on final/first loss after 16 steps)
-# Training only the projector cannot touch the text tokens' loss, hence its looser bound.
+# Training only the projector cannot touch the text tokens' loss, and a short prefix learns slower than LoRA,
+# hence their looser bounds.
 CASES = {
     "glm41v/lora.yaml": ("tiny_glm41v", "shapes_data", [], 0.8),
     "glm4v/lora.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
@@ -46,6 +47,8 @@ CASES = {
     "glm41v/dora.yaml": ("tiny_glm41v", "shapes_data", [], 0.8),
     "glm4v/dora.yaml": ("tiny_glm4v", "shapes_data", [], 0.8),
     "glm4/dora.yaml": ("tiny_glm4", "text_data", [], 0.8),
+    "glm4v/ptuning.yaml": ("tiny_glm4v", "shapes_data", ["adapter.num_virtual_tokens=8", "train.lr=0.1"], 0.9),
+    "glm4/ptuning.yaml": ("tiny_glm4", "text_data", ["adapter.num_virtual_tokens=8", "train.lr=0.1"], 0.9),
 }
 
 
@@ -97,7 +100,10 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
 
     merged = merge(ckpt, tmp_path / "merged")
     assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in model_dir.iterdir())
-    assert json.loads((merged / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    merged_config = json.loads((merged / "config.json").read_text())
+    if "ptuning" in recipe_name:  # the prefix is exported in the upstream form, not folded
+        assert merged_config.pop("pre_seq_len") == 8 and merged_config.pop("prefix_projection") is False
+    assert merged_config == json.loads((model_dir / "config.json").read_text())
     merged_logits = logits(family.load_model(merged), processor, turns, images)  # strict load: same names
     assert (merged_logits - reference).abs().max() <= 1e-5
 
