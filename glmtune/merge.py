@@ -22,7 +22,7 @@ from glmtune.adapters import FULL_WEIGHTS
 from glmtune.adapters.qlora import QUANT_FILE, nf4_roundtrip
 from glmtune.checkpoint import checkpoint_recipe
 from glmtune.config import RecipeError
-from glmtune.models.weights import weight_files
+from glmtune.models.weights import INDEX_FILES, iter_shard, weight_files
 
 PEFT_PREFIX = "base_model.model."
 
@@ -81,25 +81,25 @@ def prefix_table(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows
 
 
-def export_prefix(out: Path, last_shard: str, merged_last: dict, prefix: dict, dtype: torch.dtype) -> int:
-    """Add the prefix to the last shard's tensors and declare it in config.json and the index."""
+def export_prefix(out: Path, prefix: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The prefix as the upstream P-tuning form: a plain embedding table, declared in config.json."""
     table = prefix_table(prefix).to(dtype).contiguous()
-    merged_last[PREFIX + "embedding.weight"] = table
     config = json.loads((out / "config.json").read_text())
     config.update(pre_seq_len=table.shape[0], prefix_projection=False)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    index_path = out / "model.safetensors.index.json"
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        index["weight_map"][PREFIX + "embedding.weight"] = last_shard
-        index.setdefault("metadata", {})["total_size"] = (index.get("metadata", {}).get("total_size", 0)
-                                                          + table.numel() * table.element_size())
-        index_path.write_text(json.dumps(index, indent=2))
-    return table.shape[0]
+    return table
+
+
+def output_name(shard: Path) -> str:
+    """Shard name in the output: safetensors keep theirs; `pytorch_model-0000N-of-0000M.bin` -> `model-...`."""
+    if shard.suffix == ".safetensors":
+        return shard.name
+    return shard.name.replace("pytorch_model", "model", 1).removesuffix(".bin") + ".safetensors"
 
 
 def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
-    from safetensors import safe_open
+    """Write base + checkpoint as one model in the official layout, always as safetensors (a `.bin` base,
+    VisualGLM-6B / ChatGLM-6B, becomes `model-0000N-of-0000M.safetensors` + model.safetensors.index.json)."""
     from safetensors.torch import save_file
 
     ckpt, out = Path(ckpt), Path(out_dir)
@@ -108,8 +108,6 @@ def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
     if out.resolve() == base.resolve():
         raise RecipeError(f"--out {out} is the base model folder; choose a new folder")
     shards = weight_files(base)
-    if any(s.suffix != ".safetensors" for s in shards):
-        raise RecipeError(f"{base}: merge writes safetensors shards and needs a safetensors base checkpoint")
     updates = adapter_updates(ckpt)
     prefix = {k: updates["replace"].pop(k) for k in list(updates["replace"]) if k.startswith(PREFIX)}
     quantized = {}
@@ -117,27 +115,35 @@ def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
         record = json.loads((ckpt / QUANT_FILE).read_text())
         quantized = {"input_dtype": record["input_dtype"], "weights": {m + ".weight" for m in record["modules"]}}
     out.mkdir(parents=True, exist_ok=True)
-    shard_names = {s.name for s in shards}
-    for f in base.iterdir():  # everything that is not a weight shard: config, tokenizer, processor, index...
-        if f.is_file() and f.name not in shard_names:
+    skip = {s.name for s in shards} | set(INDEX_FILES)
+    for f in base.iterdir():  # everything but the weights: config, tokenizer, processor, chat template...
+        if f.is_file() and f.name not in skip:
             shutil.copy2(f, out / f.name)
     # QLoRA: every quantized weight is written as the dequantized NF4 weight the model was trained with
     wanted, used = set(updates["delta"]) | set(updates["replace"]) | quantized.get("weights", set()), set()
+    weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         merged = {}
-        with safe_open(str(shard), framework="pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for name in f.keys():
-                w = f.get_tensor(name)
-                if name in wanted:
-                    w = merged_weight(name, w, updates, quantized)
-                    used.add(name)
-                merged[name] = w.contiguous()
+        for name, w in iter_shard(shard):
+            if name in wanted:
+                w = merged_weight(name, w, updates, quantized)
+                used.add(name)
+            merged[name] = w.clone() if shard.suffix == ".bin" else w.contiguous()  # .bin: tied tensors share storage
         if prefix and i == len(shards) - 1:  # P-tuning: a prefix cannot be folded into weights
-            n = export_prefix(out, shard.name, merged, prefix, next(iter(merged.values())).dtype)
+            table = export_prefix(out, prefix, next(iter(merged.values())).dtype)
+            merged[PREFIX + "embedding.weight"] = table
             print_fn(f"merge: a P-tuning v2 prefix cannot be folded into weights; wrote it as "
-                     f"{PREFIX}embedding.weight with pre_seq_len={n} in config.json (the form upstream GLM code reads)")
-        save_file(merged, str(out / shard.name), metadata=metadata)
+                     f"{PREFIX}embedding.weight with pre_seq_len={len(table)} in config.json "
+                     f"(the form upstream GLM code reads)")
+        save_file(merged, str(out / output_name(shard)), metadata={"format": "pt"})
+        weight_map.update({name: output_name(shard) for name in merged})
+        total += sum(t.numel() * t.element_size() for t in merged.values())
+    base_index = next((base / i for i in INDEX_FILES if (base / i).is_file()), None)
+    if base_index is not None or len(shards) > 1:  # keep the base index's other metadata (e.g. total_parameters)
+        metadata = json.loads(base_index.read_text()).get("metadata", {}) if base_index else {}
+        metadata["total_size"] = total
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2))
     unused = sorted(wanted - used)
     if unused:
         raise RecipeError(f"{ckpt}: {len(unused)} adapter tensors match no weight of {base} (e.g. {unused[0]}); "

@@ -12,7 +12,7 @@ A family is a module exposing:
   generation_eos(model) -> list[int]
   generate(model, batch, max_new_tokens, eos, pad_id) -> new token ids (greedy, KV cache)
   make_tiny(out_dir, seed) -> Path            tiny checkpoint in the official layout
-New families (native GLM-4V-9B, VisualGLM-6B) plug in by adding one line here.
+A new family plugs in by adding one line here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ FAMILIES = {
     "glm41v": "glmtune.models.glm41v",  # GLM-4.1V / GLM-4.5V (transformers Glm4vForConditionalGeneration)
     "glm4v": "glmtune.models.glm4v",  # GLM-4V-9B, native (GLM-4 + EVA2-CLIP-E)
     "glm4": "glmtune.models.glm4",  # GLM-4-9B-Chat, native (GLM-4V-9B's text model)
+    "visualglm": "glmtune.models.visualglm",  # VisualGLM-6B, native (ChatGLM-6B + BLIP-2)
+    "chatglm": "glmtune.models.chatglm",  # ChatGLM-6B, native (VisualGLM-6B's text model)
 }
 
 
@@ -48,5 +50,7 @@ def detect_family(model_dir: str | Path) -> str:
         return "glm41v"
     if model_type == "chatglm" and "multi_query_group_num" in raw:  # GLM-4 generation of the chatglm format
         return "glm4v" if raw.get("vision_config") else "glm4"
+    if model_type == "chatglm" and raw.get("position_encoding_2d"):  # the 2023 ChatGLM-6B format
+        return "visualglm" if raw.get("eva_config") else "chatglm"
     raise KeyError(f"{cfg}: model_type {model_type!r} with these keys is not a supported family; "
                    f"known: {', '.join(sorted(FAMILIES))}")

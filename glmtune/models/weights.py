@@ -60,8 +60,9 @@ def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | No
     """Fill a (meta or materialised) model from the checkpoint folder, strictly, shard by shard."""
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device="cpu")
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
+    # tied weights (ChatGLM-6B's lm_head = word embeddings) appear under both official names
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
     filled = set()
     with torch.no_grad():
         for shard in weight_files(model_dir):

@@ -20,24 +20,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
 from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.tokenizer import Glm4Tokenizer
+from glmtune.models.image_transforms import clip_image_tensor
 
 IGNORE = -100
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 class Glm4Processor:
     """Tokenizer + image transform of one checkpoint folder (GLM-4V-9B, or GLM-4-9B-Chat without vision)."""
 
     def __init__(self, path: str | Path):
-        from PIL import Image
-
         self.tokenizer = Glm4Tokenizer.from_pretrained(path)
         cfg = load_config(path)
         self.vision = cfg.vision_config
@@ -49,16 +45,12 @@ class Glm4Processor:
         }.items()}
         self.pad_id = self.tokenizer.pad_token_id
         self.newline = self.tokenizer.encode("\n")
-        self.resample = Image.BICUBIC
 
     def text(self, s: str) -> list[int]:
         return self.tokenizer.encode(s) if s else []
 
     def image_tensor(self, image) -> torch.Tensor:
-        """Resize to image_size x image_size (bicubic), scale to [0, 1], CLIP mean/std: (3, S, S)."""
-        size = self.vision.image_size
-        x = np.asarray(image.convert("RGB").resize((size, size), self.resample), dtype=np.float32) / 255.0
-        return torch.from_numpy(((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy())
+        return clip_image_tensor(image, self.vision.image_size)
 
     def _build(self, turns: list[Turn], has_image: bool, generation: bool):
         """ids, target flags, image flags and positions (unexpanded index of each token)."""

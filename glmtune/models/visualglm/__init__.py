@@ -1,0 +1,75 @@
+"""VisualGLM-6B (THUDM/visualglm-6b): native ChatGLM-6B + BLIP-2 (EVA-CLIP + Q-Former), official `.bin` layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmtune.models.visualglm.config import load_config
+from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
+from glmtune.models.visualglm.template import ChatGLMProcessor
+from glmtune.models.visualglm.tiny import make_tiny
+from glmtune.models.weights import load_strict
+
+# The Q-Former and glm_proj bridge the image into the LM: they are the projector.
+COMPONENTS = {
+    "vision": ["image_encoder"],
+    "projector": ["image_encoder.qformer", "image_encoder.glm_proj"],
+    "language": ["transformer", "lm_head"],
+}
+# Upstream (SwissArmyTransformer LoraMixin, finetune_visualglm.py): LoRA on query_key_value and dense.
+LORA_TARGETS = {
+    "vision": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "projector": ["query_key_value", "dense", "query", "key_value", "dense_h_to_4h", "dense_4h_to_h"],
+    "language": ["query_key_value", "dense"],
+}
+# lm_head is tied to the word embeddings; it stays in full precision under QLoRA.
+OUTPUT_LAYER = "lm_head"
+
+
+def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGeneration:
+    cfg = load_config(path)
+    with torch.device("meta" if meta else "cpu"):
+        return ChatGLMForConditionalGeneration(cfg)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Official checkpoint folder (sharded .bin, read with weights_only=True, or safetensors) -> model."""
+    return load_strict(build_model(path, meta=True), path, dtype).eval()
+
+
+def load_processor(path: str | Path) -> ChatGLMProcessor:
+    return ChatGLMProcessor(path)
+
+
+def generation_eos(model) -> list[int]:
+    return [model.config.eos_token_id]
+
+
+@torch.no_grad()
+def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
+    """Greedy decoding with the KV cache: new tokens keep the [gMASK] position, block position counts on."""
+    out = model(**batch, use_cache=True)
+    past, mask = out.past_key_values, batch["attention_mask"]
+    pos = batch["position_ids"][:, :, -1:].clone()  # (B, 2, 1); left padding keeps the last column real
+    done = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
+    stop = torch.tensor(eos, device=pos.device)
+    new = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        new.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        pos[:, 1] += 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+    return torch.stack(new, dim=1)
+
+
+__all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "build_model", "load_model", "load_processor",
+           "make_tiny", "generation_eos", "generate"]
