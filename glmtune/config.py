@@ -47,6 +47,9 @@ class AdapterConfig:
     prefix_projection: bool = False  # reparameterise the prefix through a 2-layer MLP while training
     # module-name suffixes to adapt inside the components set to `lora`; empty = the family's default
     target: list[str] = field(default_factory=list)
+    # language-model layer indices that get LoRA (upstream VisualGLM's --layer_range: a list, e.g. [0, 14]);
+    # empty = every layer
+    layers: list[int] = field(default_factory=list)
     components: dict[str, str] = field(
         default_factory=lambda: {"vision": "frozen", "projector": "frozen", "language": "lora"}
     )

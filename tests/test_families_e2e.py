@@ -49,6 +49,15 @@ CASES = {
     "glm4/dora.yaml": ("tiny_glm4", "text_data", [], 0.8),
     "glm4v/ptuning.yaml": ("tiny_glm4v", "shapes_data", ["adapter.num_virtual_tokens=8", "train.lr=0.1"], 0.9),
     "glm4/ptuning.yaml": ("tiny_glm4", "text_data", ["adapter.num_virtual_tokens=8", "train.lr=0.1"], 0.9),
+    # the tiny ChatGLM-6B has 2 layers: upstream's layers [0, 14] become [0, 1]
+    # (their recipes read VisualGLM's own data format; the shapes data is GLM-4 messages: format auto;
+    # upstream's LoRA scale is alpha/r = 0.1, so 16 steps need a 10x learning rate to move as far)
+    "visualglm/lora.yaml": ("tiny_visualglm", "shapes_data", ["adapter.layers=[0,1]", "data.format=auto",
+                                                              "train.lr=0.1"], 0.8),
+    "visualglm/lora_all.yaml": ("tiny_visualglm", "shapes_data", ["data.format=auto", "train.lr=0.1"], 0.8),
+    "visualglm/qlora.yaml": ("tiny_visualglm", "shapes_data", ["adapter.layers=[0,1]", "data.format=auto",
+                                                               "train.lr=0.1"], 0.8),
+    "chatglm/lora.yaml": ("tiny_chatglm", "text_data", [], 0.8),
 }
 
 
@@ -86,7 +95,7 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
 
     family = get_family(recipe_name.split("/")[0])
     processor = family.load_processor(model_dir)
-    if "glm4v" in recipe_name or "glm41v" in recipe_name:
+    if not recipe_name.startswith(("glm4/", "chatglm/")):
         turns = [Turn("user", "<image>What colour is the shape?"), Turn("assistant", "red")]
         images = [Image.open(data / "images" / "val_00000.png").convert("RGB")]
     else:
@@ -99,7 +108,10 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
     assert (reference - base).abs().max() > 1e-3  # training changed the model
 
     merged = merge(ckpt, tmp_path / "merged")
-    assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    # nothing lost: every non-weight file is copied; weights are always written as safetensors
+    # (a .bin base, VisualGLM-6B / ChatGLM-6B, becomes model-0000N-of-0000M.safetensors + its index)
+    renamed = {p.name.replace("pytorch_model", "model").replace(".bin", ".safetensors") for p in model_dir.iterdir()}
+    assert sorted(p.name for p in merged.iterdir()) == sorted(renamed)
     merged_config = json.loads((merged / "config.json").read_text())
     if "ptuning" in recipe_name:  # the prefix is exported in the upstream form, not folded
         assert merged_config.pop("pre_seq_len") == 8 and merged_config.pop("prefix_projection") is False

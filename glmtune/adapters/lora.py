@@ -6,8 +6,16 @@ gives on the official model, so `PeftModel.from_pretrained(base, ckpt)` works wi
 
 from __future__ import annotations
 
-from glmtune.adapters.trainable import covering_modules, lora_target_regex
+import re
+
+from glmtune.adapters.trainable import component_of, covering_modules, lora_target_regex
 from glmtune.config import RecipeError
+
+
+def layer_index(module_name: str) -> int | None:
+    """The N of the first `.layers.N.` in a module name."""
+    m = re.search(r"\.layers\.(\d+)\.", module_name)
+    return int(m.group(1)) if m else None
 
 
 def attach_lora(model, family, cfg):
@@ -18,10 +26,21 @@ def attach_lora(model, family, cfg):
     leaves = {c: list(cfg.target) or family.LORA_TARGETS[c] for c in lora_comps}
     full = [name for c, m in modes.items() if m == "full"
             for name in covering_modules(model, family.COMPONENTS, c)]
+    targets = lora_target_regex(family.COMPONENTS, lora_comps, leaves)
+    if cfg.layers:  # only these language-model layers (other components keep every layer)
+        targets = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)
+                   and (component_of(name, family.COMPONENTS) != "language" or layer_index(name) in cfg.layers)]
+        found = {layer_index(n) for n in targets if component_of(n, family.COMPONENTS) == "language"}
+        if set(cfg.layers) - found:
+            n_layers = 1 + max((layer_index(n) for n, _ in model.named_modules()
+                                if component_of(n, family.COMPONENTS) == "language" and layer_index(n) is not None),
+                               default=-1)
+            raise RecipeError(f"adapter.layers={list(cfg.layers)}: layer {sorted(set(cfg.layers) - found)[0]} does "
+                              f"not exist or has no LoRA target; the language model has layers 0..{n_layers - 1}")
     config = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", use_rslora=cfg.rslora,
         use_dora=cfg.method == "dora",
-        target_modules=lora_target_regex(family.COMPONENTS, lora_comps, leaves),
+        target_modules=targets,
         modules_to_save=full or None,
     )
     try:
