@@ -126,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
+    # bitsandbytes' CPU backend announces that an optional hub-downloaded kernel is absent; glmtune never
+    # downloads kernels, and the built-in CPU path is what it uses.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # PEFT 0.21 calls a transformers 5 property that transformers itself deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
