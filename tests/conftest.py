@@ -43,3 +43,19 @@ def tiny_glm4(tmp_path_factory) -> Path:
     from glmtune.models import get_family
 
     return Path(get_family("glm4").make_tiny(tmp_path_factory.mktemp("tiny-glm4"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_visualglm(tmp_path_factory) -> Path:
+    """A tiny VisualGLM-6B checkpoint (ChatGLM-6B + BLIP-2) in the official `.bin` layout, built once per test run."""
+    from glmtune.models import get_family
+
+    return Path(get_family("visualglm").make_tiny(tmp_path_factory.mktemp("tiny-visualglm"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatglm(tmp_path_factory) -> Path:
+    """A tiny ChatGLM-6B checkpoint (VisualGLM-6B's text model) in the official `.bin` layout, built once per run."""
+    from glmtune.models import get_family
+
+    return Path(get_family("chatglm").make_tiny(tmp_path_factory.mktemp("tiny-chatglm"), seed=0))

@@ -37,6 +37,8 @@ def attach_lora(model, family, cfg):
                                default=-1)
             raise RecipeError(f"adapter.layers={list(cfg.layers)}: layer {sorted(set(cfg.layers) - found)[0]} does "
                               f"not exist or has no LoRA target; the language model has layers 0..{n_layers - 1}")
+        # a list would be matched by suffix (vision layers share the names): match the full names exactly
+        targets = "^(?:" + "|".join(re.escape(n) for n in targets) + ")$"
     config = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", use_rslora=cfg.rslora,
         use_dora=cfg.method == "dora",

@@ -59,7 +59,17 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Fill a (meta or materialised) model from the checkpoint folder, strictly, shard by shard."""
     if any(p.is_meta for p in model.parameters()):
+        # to_empty gives every name its own tensor: remember tied groups (ChatGLM-6B's lm_head = word
+        # embeddings) and tie them again, so that the model holds one copy and trains it as one
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
         model.to_empty(device="cpu")
+        for names in (n for n in groups.values() if len(n) > 1):
+            first = model.get_parameter(names[0])
+            for name in names[1:]:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, first)
     # tied weights (ChatGLM-6B's lm_head = word embeddings) appear under both official names
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))

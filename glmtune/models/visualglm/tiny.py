@@ -46,6 +46,7 @@ TINY_QFORMER = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "i
                 "cross_attn_hidden_size": 32}
 TINY_SP_VOCAB = 100
 TINY_STD = 0.1  # as the other tiny models: lets adapters make confident predictions at width 64
+SUBLAYER_GAIN = 16.0
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, vision: bool = True, max_shard_bytes: int = 400_000) -> Path:
@@ -59,7 +60,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vision: bool = True, max_shard
         raw["qformer_config"] = dict(raw["qformer_config"], **TINY_QFORMER)
     raw.update(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], mask_token_id=ids["mask_token_id"],
                gmask_token_id=ids["gmask_token_id"], pad_token_id=ids["pad_token_id"],
-               vocab_size=-(-ids["sp_vocab_size"] // 64) * 64)  # padded, like the official 130344 -> 130528
+               # the embedding has a few spare rows past the tokenizer, as the official 130528 > 130344
+               vocab_size=-(-ids["sp_vocab_size"] // 64) * 64)
     torch.manual_seed(seed)
     model = ChatGLMForConditionalGeneration(config_from_dict(raw))
     with torch.no_grad():
@@ -70,6 +72,11 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vision: bool = True, max_shard
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, TINY_STD)
+        # ChatGLM-6B scales the residual by sqrt(56) whatever the depth: at width 64 sublayer outputs of a
+        # plain init would vanish next to it, leaving a model whose output ignores attention. Scale them up.
+        for layer in model.transformer.layers:
+            layer.attention.dense.weight.mul_(SUBLAYER_GAIN)
+            layer.mlp.dense_4h_to_h.weight.mul_(SUBLAYER_GAIN)
     save_sharded(model.state_dict(), out, max_shard_bytes, prefix="pytorch_model", ext="bin")
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     return out
