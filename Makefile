@@ -13,3 +13,4 @@ quickstart:
 # Benchmarks write JSON to bench/results/ (timings live here, never in tests).
 bench: install
 	python bench/bench_train.py --out bench/results/train.json
+	python bench/bench_methods.py --out bench/results/methods.json
