@@ -120,18 +120,25 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
     assert (merged_logits - reference).abs().max() <= 1e-5
 
 
-def test_glm4v_chat_and_eval(request, tmp_path):
+@pytest.mark.parametrize("recipe_name", ["glm4v/lora.yaml", "visualglm/lora_all.yaml", "glm4/lora.yaml",
+                                         "chatglm/lora.yaml"])
+def test_chat_and_eval(request, recipe_name, tmp_path):
+    """One-shot and interactive chat (with the image for the vision families) and eval, per native family."""
     from glmtune.chat import chat
     from glmtune.evaluate import evaluate
 
-    model_dir, data, summary = run(request, "glm4v/lora.yaml", tmp_path / "run")
-    image = data / "images" / "val_00000.png"
-    reply = chat(summary["checkpoint"], image=str(image), prompt="What colour is the shape?", max_new_tokens=3,
+    model_dir, data, summary = run(request, recipe_name, tmp_path / "run", "data.format=auto")
+    vision = not recipe_name.startswith(("glm4/", "chatglm/"))
+    image = str(data / "images" / "val_00000.png") if vision else None
+    reply = chat(summary["checkpoint"], image=image, prompt="What colour is the shape?", max_new_tokens=3,
                  print_fn=lambda s: None)
     assert isinstance(reply, str)
+    printed, inputs = [], iter(["What shape is it?", "clear", "Where is it?", "stop"])
+    chat(summary["checkpoint"], image=image, max_new_tokens=3, input_fn=lambda _: next(inputs), print_fn=printed.append)
+    assert "(history cleared)" in printed and sum(p.startswith("\nGLM:") for p in printed) == 2
     report = evaluate(summary["checkpoint"], data / "val.jsonl", out=tmp_path / "eval.json", max_samples=4,
                       print_fn=lambda s: None)
-    assert report["samples"] == 4 and report["loss"] > 0
+    assert report["samples"] == 4 and report["loss"] > 0 and 0 <= report["exact_match"] <= 1
 
 
 def test_glm4_text_family_rejects_images(request, tmp_path, shapes_data):

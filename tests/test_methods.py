@@ -20,11 +20,13 @@ from glmtune.config import load_recipe
 from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = {"glm41v": ("tiny_glm41v", "glm41v/lora.yaml"), "glm4v": ("tiny_glm4v", "glm4v/lora.yaml")}
+FAMILIES = {"glm41v": ("tiny_glm41v", "glm41v/lora.yaml"), "glm4v": ("tiny_glm4v", "glm4v/lora.yaml"),
+            "visualglm": ("tiny_visualglm", "visualglm/lora_all.yaml")}
+# P-tuning v2 exists for the native GLM-4 families only (see README)
 METHODS = {"dora": ["adapter.method=dora"], "rslora": ["adapter.rslora=true"], "qlora": ["adapter.method=qlora"],
            "ptuning": ["adapter.method=ptuning", "adapter.components.language=frozen",
                        "adapter.prefix_projection=true", "adapter.num_virtual_tokens=4"]}
-CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f == "glm41v" and m == "ptuning")]
+CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f != "glm4v" and m == "ptuning")]
 
 
 def recipe(model: Path, data: Path, out: Path, recipe_name: str, *extra: str):
@@ -32,7 +34,8 @@ def recipe(model: Path, data: Path, out: Path, recipe_name: str, *extra: str):
         f"model.path={model}", f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
         f"train.output_dir={out}", "model.dtype=float32", "train.mixed_precision=no", "train.batch_size=4",
         "train.max_steps=12", "train.save_every=6", "train.eval_every=4", "train.lr=1e-2", "adapter.dropout=0.0",
-        "data.max_length=128", "data.num_workers=0", "log.progress_bar=false", "train.resume=never", *extra])
+        "data.max_length=128", "data.num_workers=0", "log.progress_bar=false", "train.resume=never",
+        "data.format=auto", "adapter.alpha=16", "adapter.layers=[]", *extra])
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -46,7 +49,9 @@ def test_method_trains_resumes_and_merges(request, family, method, shapes_data, 
     model_dir = request.getfixturevalue(FAMILIES[family][0])
     args = (model_dir, shapes_data, FAMILIES[family][1], *METHODS[method])
     summary = train(recipe(args[0], args[1], tmp_path / "run", *args[2:]))
-    bound = 0.9 if method == "ptuning" else 0.8  # a 4-token prefix learns slower than LoRA in 12 steps
+    # a 4-token prefix learns slower than LoRA in 12 steps, and so does the tiny VisualGLM, whose tiny
+    # sentencepiece vocabulary spells the answers in characters
+    bound = 0.9 if method == "ptuning" or family == "visualglm" else 0.8
     assert summary["final_train_loss"] < bound * summary["first_train_loss"], summary
     ckpt = Path(summary["checkpoint"])
     weights = "full_weights.safetensors" if method == "ptuning" else "adapter_model.safetensors"
