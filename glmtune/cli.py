@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from glmtune.config import RecipeError
@@ -18,6 +19,8 @@ def cmd_train(args):
     from glmtune.train import train
 
     summary = train(load_recipe(args.recipe, args.overrides))
+    if os.environ.get("RANK", "0") != "0":  # one report per job, from the main process
+        return
     print(f"train: {summary['steps']} steps, loss {summary['first_train_loss']:.4f} -> "
           f"{summary['final_train_loss']:.4f}, skipped {summary['skipped_samples']} bad samples")
     print(f"train: checkpoint {summary['checkpoint']} | summary {summary['output_dir']}/summary.json")

@@ -7,8 +7,8 @@ batch is split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +35,17 @@ class DataStats:
     truncated: int = 0
     skipped: list = field(default_factory=list)  # [source, reason]
 
+    def totals(self, prior: dict) -> dict:
+        """This job's counters over all processes, plus those of the run it resumed (`prior`)."""
+        samples, tokens, truncated = all_reduce_sum([self.samples, self.tokens, self.truncated])
+        skipped = [self.skipped]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            skipped = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(skipped, self.skipped)
+        return {"samples": prior["samples"] + int(samples), "tokens": prior["tokens"] + int(tokens),
+                "truncated": prior["truncated"] + int(truncated),
+                "skipped": list(prior["skipped"]) + [s for rank in skipped for s in rank]}
+
     def add(self, item: dict):
         if item["error"]:
             raise SampleError(*item["error"])
@@ -46,12 +57,23 @@ class DataStats:
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    # Without a GPU a multi-process group must use gloo (NCCL needs CUDA); one process needs no group.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers)
+    # Without a GPU, accelerate only treats a torchrun/accelerate-launched job as multi-process (DDP over
+    # gloo) when told `cpu=True`; otherwise every process would silently train alone.
+    cpu = not torch.cuda.is_available()
+    # a text-only micro-batch leaves the vision tower's trainable parameters without gradients
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum across processes (a no-op in one process). torch.distributed directly: accelerate's `reduce`
+    leaves CPU (gloo) tensors unreduced."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -87,9 +109,8 @@ def eval_loss(model, processor, spec: StreamSpec, max_samples: int, accelerator=
             total, count = total + loss.item(), count + n
         if stats.samples >= math.ceil(max_samples / world):
             break
-    if world > 1:
-        t = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
-        total, count = t[0].item(), int(t[1].item())
+    total, count = all_reduce_sum([total, count])
+    count = int(count)
     model.train(was_training)
     return {"loss": total / max(count, 1), "tokens": count, "samples": stats.samples, "skipped": len(stats.skipped)}
 
@@ -144,7 +165,8 @@ def train(recipe: Recipe) -> dict:
     val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
     loader = make_loader(spec, processor, start_batch=state["batches"], num_workers=recipe.data.num_workers)
     batches = iter(loader)
-    stats = DataStats(state["samples"], state["tokens"], state["truncated"], list(state["skipped"]))
+    # this process's counters; checkpoints and the summary hold the totals over processes and resumed runs
+    stats, prior = DataStats(), {k: state[k] for k in ("samples", "tokens", "truncated", "skipped")}
     logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main)
     # In a log file (no TTY) redraw rarely, so the bar does not flood it.
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (main and recipe.log.progress_bar),
@@ -152,43 +174,45 @@ def train(recipe: Recipe) -> dict:
     started, last_eval, history = time.time(), None, []
 
     def checkpoint(name: str, keep):
+        totals = stats.totals(prior)  # a collective: every process takes part
         if main:
-            unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(out / name, unwrapped, optimizer, scheduler, recipe,
-                            {"step": step, "batches": state["batches"], "samples": stats.samples,
-                             "tokens": stats.tokens, "truncated": stats.truncated, "skipped": stats.skipped}, keep)
+            save_checkpoint(out / name, accelerator.unwrap_model(model), optimizer, scheduler, recipe,
+                            {"step": step, "batches": state["batches"], **totals}, keep)
         accelerator.wait_for_everyone()
 
-    step = state["step"]
+    step, last_good = state["step"], None
     while step < t.max_steps:
         tic = time.time()
-        micro = []
+        micro = []  # (batch, weight): every rank runs grad_accum backward passes, or DDP would wait forever
         for _ in range(t.grad_accum):
             item = next(batches)
             stats.add(item)
             state["batches"] += 1
             if item["batch"] is not None:
-                micro.append(_to(item["batch"], model))
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        n_total = n_local
-        if world > 1:
-            n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum"))
+                last_good = _to(item["batch"], model)
+                micro.append((last_good, 1.0))
+            elif last_good is not None:  # every record of this batch was bad: a weightless pass keeps ranks in step
+                micro.append((last_good, 0.0))
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
+        n_total = int(all_reduce_sum([n_local])[0])
         loss_total = 0.0
-        for b in micro:
-            with accelerator.autocast():
-                loss_sum, _ = token_loss_sum(model, b)
-            # DDP averages gradients over ranks, hence the factor `world`.
-            accelerator.backward(loss_sum * world / max(n_total, 1))
-            loss_total += loss_sum.item()
+        for i, (b, weight) in enumerate(micro):
+            # gradients are synchronised once, on the last micro-batch of the step
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    loss_sum, _ = token_loss_sum(model, b)
+                # DDP averages gradients over ranks, hence the factor `world`.
+                accelerator.backward(loss_sum * (weight * world / max(n_total, 1)))
+            loss_total += weight * loss_sum.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if world > 1:
-            loss_total = accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum").item()
+        loss_total = all_reduce_sum([loss_total])[0]
         loss = loss_total / max(n_total, 1)
-        tokens_per_s = sum(int(b["attention_mask"].sum()) for b in micro) * world / max(time.time() - tic, 1e-9)
+        tokens_per_s = sum(int(b["attention_mask"].sum()) for b, w in micro if w) * world / max(time.time() - tic, 1e-9)
         history.append(loss)
         if step % recipe.log.log_every == 0 or step == t.max_steps:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
@@ -209,13 +233,14 @@ def train(recipe: Recipe) -> dict:
         logger.log(step, {"loss": last_eval["loss"]}, split="eval")
     checkpoint("checkpoint-final", None)
     logger.close()
+    totals = stats.totals(prior)
     summary = {
         "steps": step, "resumed_from": str(resume_from) if resume_from else None,
         "final_train_loss": history[-1] if history else None,
         "first_train_loss": history[0] if history else None,
-        "eval": last_eval, "samples_seen": stats.samples, "tokens_seen": stats.tokens,
-        "truncated_samples": stats.truncated, "skipped_samples": len(stats.skipped),
-        "skipped": [{"source": s, "reason": r} for s, r in stats.skipped[:1000]],
+        "eval": last_eval, "samples_seen": totals["samples"], "tokens_seen": totals["tokens"],
+        "truncated_samples": totals["truncated"], "skipped_samples": len(totals["skipped"]),
+        "skipped": [{"source": s, "reason": r} for s, r in totals["skipped"][:1000]],
         "wall_time_s": round(time.time() - started, 2), "checkpoint": str(out / "checkpoint-final"),
         "output_dir": str(out),
     }
