@@ -14,3 +14,4 @@ quickstart:
 bench: install
 	python bench/bench_train.py --out bench/results/train.json
 	python bench/bench_methods.py --out bench/results/methods.json
+	python bench/bench_loading.py --out bench/results/loading.json
