@@ -47,14 +47,14 @@ def main() -> int:
     import torch
 
     from glmtune.models.glm4v.config import config_from_dict
-    from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration, init_weights
+    from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
     from glmtune.models.glm4v.tiny import OFFICIAL_TEXT
-    from glmtune.models.weights import save_sharded
+    from glmtune.models.weights import init_random, save_sharded
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = dict(OFFICIAL_TEXT, **MID, torch_dtype="float32", eos_token_id=[16383], pad_token_id=16383)
         model = ChatGLMForConditionalGeneration(config_from_dict(raw))
-        init_weights(model)
+        init_random(model, std=0.02)
         shards = save_sharded(model.state_dict(), tmp, 100 * 2**20)
         (Path(tmp) / "config.json").write_text(json.dumps(raw))
         del model

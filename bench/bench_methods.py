@@ -92,14 +92,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     from glmtune.models.glm4v.config import config_from_dict
-    from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration, init_weights
+    from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
     from glmtune.models.glm4v.tiny import OFFICIAL_TEXT
-    from glmtune.models.weights import save_sharded
+    from glmtune.models.weights import init_random, save_sharded
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = dict(OFFICIAL_TEXT, **MID, torch_dtype="float32", eos_token_id=[8191], pad_token_id=8191)
         model = ChatGLMForConditionalGeneration(config_from_dict(raw))
-        init_weights(model)
+        init_random(model, std=0.02)
         save_sharded(model.state_dict(), tmp, 1 << 30)
         (Path(tmp) / "config.json").write_text(json.dumps(raw))
         del model

@@ -127,3 +127,22 @@ def save_sharded(state: dict[str, torch.Tensor], out_dir: str | Path, max_shard_
     index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
     (out_dir / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return paths
+
+
+def init_random(model: nn.Module, std: float) -> None:
+    """Random weights for tiny checkpoints, all of them (upstream leaves many uninitialised with skip_init):
+    norm weights 1, biases 0, everything else N(0, std); a tied tensor is drawn once."""
+    seen = set()
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm"
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if name == "bias":
+                    p.zero_()
+                elif is_norm:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
-
-IGNORE = -100
+from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
+from glmtune.data.sample import IMAGE_PLACEHOLDER, Turn
 
 
 class Glm41vProcessor:
@@ -94,47 +93,20 @@ class Glm41vProcessor:
         """
         vision = self.images(images)
         ids, target, is_image = self._build(turns, vision.get("image_grid_thw"), source, generation)
-        truncated = False
-        if max_length is not None and len(ids) > max_length:
-            last_image = max((i for i, f in enumerate(is_image) if f), default=-1)
-            if generation or last_image + 2 > max_length or not any(target[:max_length]):
-                raise SampleError(source, f"{len(ids)} tokens (incl. {sum(is_image)} image tokens) exceed "
-                                          f"data.max_length={max_length} and cannot be cut without losing the "
-                                          f"image or every answer token; raise data.max_length or shorten it")
-            ids, target, is_image = ids[:max_length], target[:max_length], is_image[:max_length]
-            truncated = True
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        out = {"input_ids": input_ids, "mm_token_type_ids": torch.tensor(is_image, dtype=torch.int32), **vision}
+        cols, truncated = cut_to_length({"ids": ids, "target": target, "image": is_image}, target, is_image,
+                                        max_length, source, generation)
+        input_ids = torch.tensor(cols["ids"], dtype=torch.long)
+        out = {"input_ids": input_ids, "mm_token_type_ids": torch.tensor(cols["image"], dtype=torch.int32),
+               **vision}
         if not generation:
-            out["labels"] = torch.where(torch.tensor(target), input_ids, torch.full_like(input_ids, IGNORE))
+            out["labels"] = torch.where(torch.tensor(cols["target"]), input_ids, torch.full_like(input_ids, IGNORE))
             out["truncated"] = truncated
         return out
 
     def collate(self, items: list[dict], pad_left: bool = False) -> dict:
         """Pad a list of `encode` outputs into one batch (right padding for training, left for generation)."""
-        width = max(len(x["input_ids"]) for x in items)
-        batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
-        if "labels" in items[0]:
-            batch["labels"] = []
-        for x in items:
-            n = len(x["input_ids"])
-            pad = width - n
-
-            def padded(t, value):
-                fill = torch.full((pad,), value, dtype=t.dtype)
-                return torch.cat([fill, t]) if pad_left else torch.cat([t, fill])
-
-            batch["input_ids"].append(padded(x["input_ids"], self.pad_id))
-            batch["attention_mask"].append(padded(torch.ones(n, dtype=torch.long), 0))
-            batch["mm_token_type_ids"].append(padded(x["mm_token_type_ids"], 0))
-            if "labels" in batch:
-                batch["labels"].append(padded(x["labels"], IGNORE))
-        batch = {k: torch.stack(v) for k, v in batch.items()}
-        with_images = [x for x in items if "pixel_values" in x]
-        if with_images:
-            batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
-            batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
-        return batch
+        fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
+        return collate_columns(items, fills, pad_left, extra=("pixel_values", "image_grid_thw"))
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

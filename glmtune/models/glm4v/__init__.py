@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from glmtune.models.generation import greedy_decode
 from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
 from glmtune.models.glm4v.template import Glm4Processor
@@ -58,32 +59,11 @@ def generation_eos(model) -> list[int]:
     return list(model.config.eos_token_id)
 
 
-@torch.no_grad()
 def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache; returns the new tokens (B, <= max_new_tokens), pad after eos.
-
-    The next token's position continues the unexpanded prompt positions (last position + 1), while the
-    cache holds the expanded image positions, as upstream.
-    """
-    out = model(**batch, use_cache=True)
-    past, mask = out.past_key_values, batch["attention_mask"]
-    pos = batch["position_ids"].max(dim=1).values
-    done = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
-    stop = torch.tensor(eos, device=pos.device)
-    new = []
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        new.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()):
-            break
-        pos = pos + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], position_ids=pos[:, None], attention_mask=mask,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-    return torch.stack(new, dim=1)
+    """Greedy decoding with the KV cache. The next token's position continues the unexpanded prompt
+    positions (last position + 1) while the cache holds the expanded image positions, as upstream."""
+    last = batch["position_ids"].max(dim=1).values[:, None]  # (B, 1)
+    return greedy_decode(model, batch, max_new_tokens, eos, pad_id, lambda pos: pos + 1, last)
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model",

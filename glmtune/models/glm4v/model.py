@@ -257,16 +257,3 @@ class ChatGLMForConditionalGeneration(nn.Module):
         hidden, presents = self.transformer.encoder(x, cos, sin, mask, past_key_values)
         logits = self.transformer.output_layer(hidden)
         return Glm4Output(logits=logits, past_key_values=presents if use_cache else None)
-
-
-def init_weights(model: nn.Module, std: float = 0.02) -> None:
-    """Initialise every parameter (upstream leaves many uninitialised with skip_init): normal(0, std)
-    for matrices and embeddings, ones for norm weights, zeros for biases and the learned boi/eoi."""
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layernorm" in name or "norm1" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)

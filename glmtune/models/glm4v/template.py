@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
+from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
 from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
 from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.tokenizer import Glm4Tokenizer
 from glmtune.models.image_transforms import clip_image_tensor
-
-IGNORE = -100
 
 
 class Glm4Processor:
@@ -98,41 +97,21 @@ class Glm4Processor:
             raise SampleError(source, "this checkpoint has no vision tower (GLM-4 text model) but the sample has "
                                       "an image; use a GLM-4V checkpoint or text-only data")
         ids, target, image, pos = self._build(turns, bool(images), generation)
-        truncated = False
-        if max_length is not None and len(ids) > max_length:
-            last_image = max((i for i, f in enumerate(image) if f), default=-1)
-            if generation or last_image + 2 > max_length or not any(target[:max_length]):
-                raise SampleError(source, f"{len(ids)} tokens (incl. {sum(image)} image positions) exceed "
-                                          f"data.max_length={max_length} and cannot be cut without losing the "
-                                          f"image or every answer token; raise data.max_length or shorten it")
-            ids, target, image, pos = ids[:max_length], target[:max_length], image[:max_length], pos[:max_length]
-            truncated = True
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        out = {"input_ids": input_ids, "position_ids": torch.tensor(pos, dtype=torch.long),
-               "image_mask": torch.tensor(image, dtype=torch.bool)}
+        cols, truncated = cut_to_length({"ids": ids, "target": target, "image": image, "pos": pos}, target, image,
+                                        max_length, source, generation)
+        input_ids = torch.tensor(cols["ids"], dtype=torch.long)
+        out = {"input_ids": input_ids, "position_ids": torch.tensor(cols["pos"], dtype=torch.long),
+               "image_mask": torch.tensor(cols["image"], dtype=torch.bool)}
         if images:
             out["images"] = self.image_tensor(images[0])[None]
         if not generation:
-            out["labels"] = torch.where(torch.tensor(target), input_ids, torch.full_like(input_ids, IGNORE))
+            out["labels"] = torch.where(torch.tensor(cols["target"]), input_ids, torch.full_like(input_ids, IGNORE))
             out["truncated"] = truncated
         return out
 
     def collate(self, items: list[dict], pad_left: bool = False) -> dict:
-        width = max(len(x["input_ids"]) for x in items)
         fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
-        keys = [k for k in fills if k in items[0]]
-        batch = {k: [] for k in keys + ["attention_mask"]}
-        for x in items:
-            pad = width - len(x["input_ids"])
-            for k in keys + ["attention_mask"]:
-                t = x[k] if k != "attention_mask" else torch.ones(len(x["input_ids"]), dtype=torch.long)
-                fill = torch.full((pad,), fills.get(k, 0), dtype=t.dtype)
-                batch[k].append(torch.cat([fill, t]) if pad_left else torch.cat([t, fill]))
-        batch = {k: torch.stack(v) for k, v in batch.items()}
-        images = [x["images"] for x in items if "images" in x]
-        if images:
-            batch["images"] = torch.cat(images)
-        return batch
+        return collate_columns(items, fills, pad_left, extra=("images",))
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

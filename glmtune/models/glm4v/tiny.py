@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from glmtune.models.glm4v.config import config_from_dict
-from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration, init_weights
+from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
 from glmtune.models.glm4v.tokenizer import write_tiny_tokenizer
 from glmtune.models.tiny_corpus import TINY_CORPUS
-from glmtune.models.weights import save_sharded
+from glmtune.models.weights import init_random, save_sharded
 
 # The official config.json files (THUDM/glm-4-9b-chat; THUDM/glm-4v-9b with its official seq_length 8192),
 # minus auto_map. Sizes and token ids are replaced below.
@@ -77,7 +77,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vision: bool = True, max_shard
     raw = tiny_config(special, vocab, vision)
     torch.manual_seed(seed)
     model = ChatGLMForConditionalGeneration(config_from_dict(raw))
-    init_weights(model, std=TINY_STD)
+    init_random(model, std=TINY_STD)
     save_sharded(model.state_dict(), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     if not vision:

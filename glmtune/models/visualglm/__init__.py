@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from glmtune.models.generation import greedy_decode
 from glmtune.models.visualglm.config import load_config
 from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
 from glmtune.models.visualglm.template import ChatGLMProcessor
@@ -47,28 +48,14 @@ def generation_eos(model) -> list[int]:
     return [model.config.eos_token_id]
 
 
-@torch.no_grad()
 def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
     """Greedy decoding with the KV cache: new tokens keep the [gMASK] position, block position counts on."""
-    out = model(**batch, use_cache=True)
-    past, mask = out.past_key_values, batch["attention_mask"]
-    pos = batch["position_ids"][:, :, -1:].clone()  # (B, 2, 1); left padding keeps the last column real
-    done = torch.zeros(len(pos), dtype=torch.bool, device=pos.device)
-    stop = torch.tensor(eos, device=pos.device)
-    new = []
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        new.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()):
-            break
-        pos[:, 1] += 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
-    return torch.stack(new, dim=1)
+
+    def advance(pos):  # (B, 2, 1): [position, block position]
+        return torch.stack([pos[:, 0], pos[:, 1] + 1], dim=1)
+
+    last = batch["position_ids"][:, :, -1:]  # left padding keeps the last column real
+    return greedy_decode(model, batch, max_new_tokens, eos, pad_id, advance, last)
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "build_model", "load_model", "load_processor",

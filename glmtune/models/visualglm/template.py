@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from glmtune.data.batching import IGNORE, collate_columns
 from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
 from glmtune.models.image_transforms import clip_image_tensor
 from glmtune.models.visualglm.config import load_config
 from glmtune.models.visualglm.tokenizer import ChatGLMTokenizer, build_prompt
 
-IGNORE = -100
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
@@ -92,31 +92,8 @@ class ChatGLMProcessor:
         return out
 
     def collate(self, items: list[dict], pad_left: bool = False) -> dict:
-        width = max(len(x["input_ids"]) for x in items)
-        batch = {k: [] for k in ("input_ids", "attention_mask", "position_ids", "image_mask")}
-        if "labels" in items[0]:
-            batch["labels"] = []
-        for x in items:
-            n = len(x["input_ids"])
-            pad = width - n
-
-            def padded(t, value, dim=-1):
-                shape = list(t.shape)
-                shape[dim] = pad
-                fill = torch.full(shape, value, dtype=t.dtype)
-                return torch.cat([fill, t] if pad_left else [t, fill], dim=dim)
-
-            batch["input_ids"].append(padded(x["input_ids"], self.pad_id))
-            batch["attention_mask"].append(padded(torch.ones(n, dtype=torch.long), 0))
-            batch["position_ids"].append(padded(x["position_ids"], 0))
-            batch["image_mask"].append(padded(x["image_mask"], False))
-            if "labels" in batch:
-                batch["labels"].append(padded(x["labels"], IGNORE))
-        batch = {k: torch.stack(v) for k, v in batch.items()}
-        images = [x["images"] for x in items if "images" in x]
-        if images:
-            batch["images"] = torch.cat(images)
-        return batch
+        fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
+        return collate_columns(items, fills, pad_left, extra=("images",))
 
     def decode(self, ids) -> str:
         from glmtune.models.visualglm.tokenizer import process_response

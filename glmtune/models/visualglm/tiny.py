@@ -17,7 +17,7 @@ from glmtune.models.tiny_corpus import TINY_CORPUS
 from glmtune.models.visualglm.config import config_from_dict
 from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
 from glmtune.models.visualglm.tokenizer import write_tiny_tokenizer
-from glmtune.models.weights import save_sharded
+from glmtune.models.weights import init_random, save_sharded
 
 OFFICIAL = {  # THUDM/chatglm-6b config.json (minus auto_map); sizes and ids replaced below
     "_name_or_path": "THUDM/chatglm-6b", "architectures": ["ChatGLMModel"], "bos_token_id": 130004,
@@ -64,14 +64,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, vision: bool = True, max_shard
                vocab_size=-(-ids["sp_vocab_size"] // 64) * 64)
     torch.manual_seed(seed)
     model = ChatGLMForConditionalGeneration(config_from_dict(raw))
+    init_random(model, TINY_STD)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layernorm" in name or "ln_vision" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, TINY_STD)
         # ChatGLM-6B scales the residual by sqrt(56) whatever the depth: at width 64 sublayer outputs of a
         # plain init would vanish next to it, leaving a model whose output ignores attention. Scale them up.
         for layer in model.transformer.layers:
