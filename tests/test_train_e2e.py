@@ -174,6 +174,9 @@ def test_eval_chat_and_check(trained, tiny_glm41v, shapes_data, tmp_path):
     image = shapes_data / "images" / "val_00000.png"
     reply = chat(ckpt, image=str(image), prompt="What colour is the shape?", max_new_tokens=4, print_fn=lambda s: None)
     assert isinstance(reply, str)
+    # `glmtune chat MODEL --adapter CKPT`: the base folder plus the adapter answers the same
+    assert chat(tiny_glm41v, adapter=ckpt, image=str(image), prompt="What colour is the shape?", max_new_tokens=4,
+                print_fn=lambda s: None) == reply
     printed, inputs = [], iter(["What shape is it?", "clear", "Where is the shape?", "stop", "never read"])
     chat(ckpt, image=str(image), max_new_tokens=4, input_fn=lambda _: next(inputs), print_fn=printed.append)
     assert "(history cleared)" in printed and sum(p.startswith("\nGLM:") for p in printed) == 2
