@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from glmtune.adapters import FULL_STATE_METHODS, FULL_WEIGHTS, save_trained
-from glmtune.config import Recipe, load_recipe, save_recipe
+from glmtune.config import CheckpointError, Recipe, load_recipe, save_recipe
 
 STATE = "trainer_state.json"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)$")
@@ -91,7 +91,7 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
         result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
         unused = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
         if unused:
-            raise ValueError(f"{ckpt}: adapter does not fit the model (e.g. {unused[0]}); was the recipe changed?")
+            raise CheckpointError(f"{ckpt}: adapter does not fit the model (e.g. {unused[0]}); was the recipe changed?")
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])

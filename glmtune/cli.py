@@ -7,11 +7,11 @@ import json
 import os
 import sys
 
-from glmtune.config import RecipeError
+from glmtune.config import CheckpointError, RecipeError
 from glmtune.data.sample import SampleError
 
 # Errors that are the user's to fix: printed as one clear line, never as a traceback.
-USER_ERRORS = (RecipeError, SampleError, FileNotFoundError, KeyError)
+USER_ERRORS = (RecipeError, CheckpointError, SampleError, FileNotFoundError)
 
 
 def cmd_train(args):
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"glmtune {args.command}: error: {msg}", file=sys.stderr)
+        print(f"glmtune {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

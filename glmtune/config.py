@@ -25,6 +25,10 @@ class RecipeError(ValueError):
     """A recipe problem the user must fix; the message says where and how."""
 
 
+class CheckpointError(ValueError):
+    """A model or checkpoint folder glmtune cannot use (config, tokenizer or weight files); names the file."""
+
+
 @dataclass
 class ModelConfig:
     family: str = MISSING  # a key of glmtune.models.FAMILIES

@@ -217,5 +217,14 @@ def test_cli_errors_are_one_clear_line(tiny_glm41v, shapes_data, tmp_path):
     r = run_cli("eval", str(tmp_path / "nowhere"), "--data", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    r = run_cli("chat", str(other), "--prompt", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a supported family" in r.stderr
+
+    r = run_cli("train", str(RECIPE), "model.family=glm5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model.family" in r.stderr
+
     r = run_cli("make-tiny", "glm41v", str(tmp_path / "tiny"))
     assert r.returncode == 0 and (tmp_path / "tiny" / "model.safetensors.index.json").is_file()

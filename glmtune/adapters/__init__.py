@@ -19,6 +19,7 @@ from glmtune.adapters.lora import attach_lora
 from glmtune.adapters.ptuning import add_prefix_like, attach_ptuning, write_record
 from glmtune.adapters.qlora import QUANT_FILE, prepare_qlora, quantize_like
 from glmtune.adapters.trainable import set_trainable
+from glmtune.config import CheckpointError
 
 FULL_WEIGHTS = "full_weights.safetensors"
 
@@ -78,12 +79,12 @@ def load_trained(model, ckpt: Path, family, trainable: bool = False):
         own = dict(model.named_parameters())
         unknown = sorted(set(state) - set(own))
         if unknown:
-            raise ValueError(f"{ckpt / FULL_WEIGHTS}: {len(unknown)} tensors do not exist in the model, "
+            raise CheckpointError(f"{ckpt / FULL_WEIGHTS}: {len(unknown)} tensors do not exist in the model, "
                              f"e.g. {unknown[0]}; was it trained on another model family?")
         with torch.no_grad():
             for name, tensor in state.items():
                 if own[name].shape != tensor.shape:
-                    raise ValueError(f"{ckpt / FULL_WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+                    raise CheckpointError(f"{ckpt / FULL_WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
                                      f"the model has {tuple(own[name].shape)}")
                 own[name].copy_(tensor)
                 own[name].requires_grad_(trainable)

@@ -34,7 +34,9 @@ FAMILIES = {
 def get_family(name: str) -> ModuleType:
     """Import a family lazily so that `glmtune --help` does not import torch/transformers."""
     if name not in FAMILIES:
-        raise KeyError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+        from glmtune.config import RecipeError
+
+        raise RecipeError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
     return importlib.import_module(FAMILIES[name])
 
 
@@ -52,5 +54,7 @@ def detect_family(model_dir: str | Path) -> str:
         return "glm4v" if raw.get("vision_config") else "glm4"
     if model_type == "chatglm" and raw.get("position_encoding_2d"):  # the 2023 ChatGLM-6B format
         return "visualglm" if raw.get("eva_config") else "chatglm"
-    raise KeyError(f"{cfg}: model_type {model_type!r} with these keys is not a supported family; "
+    from glmtune.config import CheckpointError
+
+    raise CheckpointError(f"{cfg}: model_type {model_type!r} with these keys is not a supported family; "
                    f"known: {', '.join(sorted(FAMILIES))}")

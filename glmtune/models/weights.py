@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from glmtune.config import CheckpointError
+
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -78,11 +80,11 @@ def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | No
         for shard in weight_files(model_dir):
             for name, tensor in iter_shard(shard):
                 if name not in targets:
-                    raise ValueError(f"{shard}: tensor {name} has no place in the model; is this checkpoint of "
+                    raise CheckpointError(f"{shard}: tensor {name} has no place in the model; is this checkpoint of "
                                      f"another family or size? (model has e.g. {next(iter(targets))})")
                 target = targets[name]
                 if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{shard}: {name} has shape {tuple(tensor.shape)}, the model built from "
+                    raise CheckpointError(f"{shard}: {name} has shape {tuple(tensor.shape)}, the model built from "
                                      f"config.json expects {tuple(target.shape)}")
                 target.copy_(tensor)
                 filled.add(name)
@@ -91,7 +93,7 @@ def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | No
         listed = index_map(model_dir).get(missing[0])
         where = (f"{Path(model_dir) / listed} should hold it (per the index) but does not" if listed
                  else f"no weight file in {model_dir} holds it")
-        raise ValueError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, "
+        raise CheckpointError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, "
                          f"e.g. {missing[0]} ({where})")
     if dtype is not None:
         model.to(dtype)

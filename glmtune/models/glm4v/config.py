@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from glmtune.config import CheckpointError
+
 
 @dataclass
 class VisionConfig:
@@ -90,14 +92,14 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Glm4Config:
         cfg.eos_token_id = [cfg.eos_token_id]
     for key, value in _REQUIRED:
         if getattr(cfg, key) != value:
-            raise ValueError(f"{source}: {key}={getattr(cfg, key)!r} is not supported by glmtune's native GLM-4 "
+            raise CheckpointError(f"{source}: {key}={getattr(cfg, key)!r} is not supported by glmtune's native GLM-4 "
                              f"(GLM-4-9B-Chat and GLM-4V-9B use {value!r})")
     vision = raw.get("vision_config")
     if vision:
         vknown = {f.name for f in fields(VisionConfig)}
         cfg.vision_config = VisionConfig(**{k: v for k, v in vision.items() if k in vknown})
         if cfg.boi_token_id is None or cfg.eoi_token_id is None:
-            raise ValueError(f"{source}: vision_config is set but boi_token_id/eoi_token_id are missing")
+            raise CheckpointError(f"{source}: vision_config is set but boi_token_id/eoi_token_id are missing")
     return cfg
 
 
@@ -107,5 +109,5 @@ def load_config(model_dir: str | Path) -> Glm4Config:
         raise FileNotFoundError(f"{model_dir}: no config.json")
     raw = json.loads(path.read_text())
     if raw.get("model_type") != "chatglm":
-        raise ValueError(f"{path}: model_type {raw.get('model_type')!r}, expected 'chatglm' (GLM-4 / GLM-4V)")
+        raise CheckpointError(f"{path}: model_type {raw.get('model_type')!r}, expected 'chatglm' (GLM-4 / GLM-4V)")
     return config_from_dict(raw, str(path))

@@ -26,6 +26,8 @@ import regex
 import tiktoken
 import torch
 
+from glmtune.config import CheckpointError
+
 # GLM-4 pre-tokenizer, verbatim from ChatGLM4Tokenizer.__init__ (`pat_str`) in the vendored remote code
 # sophgo/LLM-TPU models/GLM4v/token_config/tokenization_chatglm.py @ 031f42f1ada41fd87417eabc5ccaddc0c7855acd
 # (same string in ssbuild/deep_training src/deep_training/nlp/models/glm4v/tokenization_chatglm.py @ 6724c7e3).
@@ -59,11 +61,11 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
             token_b64, rank = line.split()
             token = base64.b64decode(token_b64)
             if token in ranks:
-                raise ValueError(f"{path}:{lineno}: token {token!r} listed twice")
+                raise CheckpointError(f"{path}:{lineno}: token {token!r} listed twice")
             ranks[token] = int(rank)
     # Contiguous ranks make "is this id a BPE token" a range check (decode) and match both official and tiny files.
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
+        raise CheckpointError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
     return ranks
 
 
@@ -136,7 +138,7 @@ class Glm4Tokenizer:
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
         decoder = config.get("added_tokens_decoder")
         if not decoder:
-            raise ValueError(f"{path / 'tokenizer_config.json'} has no added_tokens_decoder: special ids unknown")
+            raise CheckpointError(f"{path / 'tokenizer_config.json'} has no added_tokens_decoder: special ids unknown")
         special_ids = {}
         for id_str, entry in decoder.items():
             name = _token_name(entry)

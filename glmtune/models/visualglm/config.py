@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from glmtune.config import CheckpointError
+
 
 @dataclass
 class EvaConfig:  # EVA-CLIP ViT-g (SwissArmyTransformer ViT names)
@@ -62,11 +64,11 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ChatGLMConfig:
     known = {f.name for f in fields(ChatGLMConfig)} - {"eva_config", "qformer_config"}
     cfg = ChatGLMConfig(**{k: v for k, v in raw.items() if k in known})
     if not cfg.position_encoding_2d:
-        raise ValueError(f"{source}: position_encoding_2d=false is not ChatGLM-6B's architecture")
+        raise CheckpointError(f"{source}: position_encoding_2d=false is not ChatGLM-6B's architecture")
     if raw.get("pre_seq_len"):
-        raise ValueError(f"{source}: pre_seq_len (a P-tuning checkpoint) is not supported for ChatGLM-6B yet")
+        raise CheckpointError(f"{source}: pre_seq_len (a P-tuning checkpoint) is not supported for ChatGLM-6B yet")
     if raw.get("quantization_bit"):
-        raise ValueError(f"{source}: quantization_bit={raw['quantization_bit']}: load the unquantized checkpoint")
+        raise CheckpointError(f"{source}: quantization_bit={raw['quantization_bit']}: load the unquantized checkpoint")
     if raw.get("eva_config"):
         cfg.eva_config = EvaConfig(**{k: v for k, v in raw["eva_config"].items()
                                       if k in {f.name for f in fields(EvaConfig)}})
@@ -75,7 +77,8 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ChatGLMConfig:
         for name, sub in (("eva_config", cfg.eva_config), ("qformer_config", cfg.qformer_config)):
             expected = "pre" if name == "eva_config" else "post"
             if sub.layernorm_order != expected:
-                raise ValueError(f"{source}: {name}.layernorm_order={sub.layernorm_order!r}; BLIP-2 uses {expected!r}")
+                raise CheckpointError(f"{source}: {name}.layernorm_order={sub.layernorm_order!r}; "
+                                      f"BLIP-2 uses {expected!r}")
     return cfg
 
 
@@ -85,5 +88,5 @@ def load_config(model_dir: str | Path) -> ChatGLMConfig:
         raise FileNotFoundError(f"{model_dir}: no config.json")
     raw = json.loads(path.read_text())
     if raw.get("model_type") != "chatglm" or "multi_query_group_num" in raw:
-        raise ValueError(f"{path}: not a ChatGLM-6B / VisualGLM-6B config (model_type chatglm, 2023 format)")
+        raise CheckpointError(f"{path}: not a ChatGLM-6B / VisualGLM-6B config (model_type chatglm, 2023 format)")
     return config_from_dict(raw, str(path))
