@@ -5,6 +5,7 @@ OUTPUT/checkpoint-STEP/ (and checkpoint-final/) hold
   recipe.yaml              the resolved recipe: eval / merge / chat find the base model and family here
   trainer_state.json       step, data position (batches consumed), counters
   optimizer.pt, scheduler.pt, rng.safetensors   exact resume (loaded with weights_only=True)
+  deepspeed/               under DeepSpeed ZeRO instead of optimizer.pt: the engine's partitioned state
 A checkpoint is written to a temporary folder and renamed when complete, so a killed run never leaves a
 half-written checkpoint that `resume: auto` would pick up.
 """
@@ -42,13 +43,12 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, recipe: Recipe, stat
     """Write one checkpoint atomically; then prune numbered checkpoints beyond `keep_last`."""
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = out.with_name(out.name + ".tmp")  # the caller starts it empty (DeepSpeed ranks may have written into it)
+    tmp.mkdir(parents=True, exist_ok=True)
     save_trained(model, tmp, recipe.adapter.method)
     save_recipe(recipe, tmp / "recipe.yaml")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:  # under DeepSpeed its state is in tmp/deepspeed, one part per rank
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     state = dict(state, python_random=list(random.getstate()[1]))
@@ -92,7 +92,8 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
         unused = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
         if unused:
             raise CheckpointError(f"{ckpt}: adapter does not fit the model (e.g. {unused[0]}); was the recipe changed?")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if (ckpt / "optimizer.pt").is_file():  # else a DeepSpeed checkpoint: the engine restores it after prepare
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
     state = json.loads((ckpt / STATE).read_text())

@@ -91,6 +91,9 @@ class TrainConfig:
     keep_last: int = 2  # numbered checkpoints kept; checkpoint-final is never deleted
     resume: str = "auto"  # auto | never | PATH to a checkpoint-STEP folder
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+    # several processes: auto (= ddp) | ddp | zero2 (DeepSpeed ZeRO-2 with configs/deepspeed/zero2.json)
+    distributed: str = "auto"
+    deepspeed: Optional[str] = None  # a DeepSpeed config json of your own ("auto" values are filled from the recipe)
 
 
 @dataclass
@@ -117,6 +120,7 @@ CHOICES = {
     "data.on_bad_sample": ("error", "skip"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.distributed": ("auto", "ddp", "zero2"),
 }
 REPORT_TO = ("jsonl", "wandb", "tensorboard")
 LORA_METHODS = ("lora", "dora", "qlora")  # methods that put LoRA matrices on the `lora` components
@@ -281,6 +285,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
         if not (model_dir / "config.json").is_file():
             fail("model.path", f"= {model_dir} has no config.json; point it at a checkpoint folder in the official "
                  f"Hugging Face layout (or create a tiny one: glmtune make-tiny {recipe.model.family} {model_dir})")
+        if recipe.train.deepspeed is not None and not Path(recipe.train.deepspeed).is_file():
+            fail("train.deepspeed", f"= {recipe.train.deepspeed}: file not found")
         if recipe.data.image_dir is not None and not Path(recipe.data.image_dir).is_dir():
             fail("data.image_dir", f"= {recipe.data.image_dir}: folder not found")
         for key in ("train", "val"):

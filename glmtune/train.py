@@ -7,8 +7,9 @@ batch is split into micro-batches or ranks.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from glmtune.adapters import attach
 from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint
-from glmtune.config import Recipe, to_dict
+from glmtune.config import CheckpointError, Recipe, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, make_loader
 from glmtune.models import get_family
@@ -55,16 +56,45 @@ class DataStats:
         self.skipped.extend([list(s) for s in item["skipped"]])
 
 
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def deepspeed_config(recipe: Recipe) -> dict | None:
+    """The DeepSpeed config of the recipe with its "auto" values filled from the recipe; None for DDP."""
+    t = recipe.train
+    if t.deepspeed is None and t.distributed != "zero2":
+        return None
+    path = Path(t.deepspeed) if t.deepspeed else DEEPSPEED_CONFIGS / f"{t.distributed}.json"
+    cfg = json.loads(path.read_text())
+    fills = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+             "gradient_clipping": t.max_grad_norm}
+    for key, value in fills.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    for key, enabled in (("bf16", t.mixed_precision == "bf16"), ("fp16", t.mixed_precision == "fp16")):
+        if cfg.get(key, {}).get("enabled") == "auto":
+            cfg[key]["enabled"] = enabled
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
+    return cfg
+
+
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    ds = deepspeed_config(recipe)
+    if ds is not None:  # DeepSpeed picks its own accelerator; CPU processes talk over gloo
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers,
+                           mixed_precision=recipe.train.mixed_precision,
+                           gradient_accumulation_steps=recipe.train.grad_accum)
     # Without a GPU, accelerate only treats a torchrun/accelerate-launched job as multi-process (DDP over
     # gloo) when told `cpu=True`; otherwise every process would silently train alone.
     cpu = not torch.cuda.is_available()
     # a text-only micro-batch leaves the vision tower's trainable parameters without gradients
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers)
+    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers,
+                       gradient_accumulation_steps=recipe.train.grad_accum)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -147,7 +177,19 @@ def setup(recipe: Recipe):
     if resume_from is not None:
         state.update(load_resume_state(resume_from, model, optimizer, scheduler, recipe.adapter.method))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None and uses_deepspeed(accelerator):
+        if not (resume_from / "deepspeed").is_dir():
+            raise CheckpointError(f"{resume_from} was not written under DeepSpeed; resume it without train.distributed"
+                                  f"=zero2 / train.deepspeed, or start a new output_dir")
+        model.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
     return accelerator, family, model, processor, optimizer, scheduler, state, resume_from
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def train(recipe: Recipe) -> dict:
@@ -161,6 +203,7 @@ def train(recipe: Recipe) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
+    deepspeed = uses_deepspeed(accelerator)
     spec = stream_spec(recipe, [recipe.data.train], rank, world, train=True)
     val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
     loader = make_loader(spec, processor, start_batch=state["batches"], num_workers=recipe.data.num_workers)
@@ -175,9 +218,16 @@ def train(recipe: Recipe) -> dict:
 
     def checkpoint(name: str, keep):
         totals = stats.totals(prior)  # a collective: every process takes part
+        tmp = out / f"{name}.tmp"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        if deepspeed:  # ZeRO partitions the optimizer: every rank writes its part (frozen base left out)
+            model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(out / name, accelerator.unwrap_model(model), optimizer, scheduler, recipe,
-                            {"step": step, "batches": state["batches"], **totals}, keep)
+            save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
+                            scheduler, recipe, {"step": step, "batches": state["batches"], **totals}, keep)
         accelerator.wait_for_everyone()
 
     step, last_good = state["step"], None
@@ -196,16 +246,18 @@ def train(recipe: Recipe) -> dict:
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
         n_total = int(all_reduce_sum([n_local])[0])
         loss_total = 0.0
-        for i, (b, weight) in enumerate(micro):
-            # gradients are synchronised once, on the last micro-batch of the step
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-            with sync:
+        for b, weight in micro:
+            # accelerate synchronises gradients (DDP) and steps DeepSpeed only on the last micro-batch of a step
+            with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss_sum, _ = token_loss_sum(model, b)
-                # DDP averages gradients over ranks, hence the factor `world`.
-                accelerator.backward(loss_sum * (weight * world / max(n_total, 1)))
+                # DDP and DeepSpeed average gradients over ranks and divide the loss by grad_accum; undo both,
+                # since the loss is already normalised by the target tokens of the whole global step
+                accelerator.backward(loss_sum * (weight * world * t.grad_accum / max(n_total, 1)))
             loss_total += weight * loss_sum.item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = None  # DeepSpeed clips by its config (gradient_clipping) inside its step
+        if t.max_grad_norm > 0 and not deepspeed:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

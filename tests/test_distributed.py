@@ -1,4 +1,5 @@
-"""Data-parallel training with real processes (torchrun, gloo on this CPU machine), through launch.sh.
+"""Data-parallel training with real processes (torchrun, gloo on this CPU machine), through launch.sh,
+under DDP and DeepSpeed ZeRO-2.
 
 Two processes with batch B give the same loss curve as one process with batch 2B (the data stream splits
 records by rank; the loss is normalised over the global batch), the saved adapter loads in one process and
@@ -53,20 +54,22 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["split"], r["step"], r["loss"]) for r in rows]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tiny_glm4v, shapes_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+@pytest.fixture(scope="module", params=["ddp", "zero2"])
+def ddp_run(request, tiny_glm4v, shapes_data, tmp_path_factory):
+    """A 2-process run under DDP and under DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json)."""
+    out = tmp_path_factory.mktemp(request.param)
     port = free_port()
-    r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2"), "--master", f"127.0.0.1:{port}")
+    r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2", f"train.distributed={request.param}"),
+               "--master", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    return out, r, request.param
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm4v, shapes_data, tmp_path):
     from glmtune.config import load_recipe
     from glmtune.train import train
 
-    out, r = ddp_run
+    out, r, _ = ddp_run
     assert "+ torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in r.stdout  # launch.sh shows its command
     assert r.stdout.count("train: 6 steps") == 1  # only the main process reports
     single = tmp_path / "single"
@@ -92,11 +95,14 @@ def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm
 
 
 def test_two_process_resume_reproduces_the_uninterrupted_run(ddp_run, tiny_glm4v, shapes_data, tmp_path):
-    out, _ = ddp_run
+    out, _, mode = ddp_run
     shutil.copytree(out / "checkpoint-3", tmp_path / "checkpoint-3")
+    if mode == "zero2":  # the optimizer state is DeepSpeed's, one partition per rank
+        assert not (out / "checkpoint-3" / "optimizer.pt").exists()
+        assert list((out / "checkpoint-3" / "deepspeed").rglob("*optim_states.pt"))
     port = free_port()
-    r = launch(2, overrides(tiny_glm4v, shapes_data, tmp_path, "train.batch_size=2", "train.resume=auto"),
-               "--master", f"127.0.0.1:{port}")
+    r = launch(2, overrides(tiny_glm4v, shapes_data, tmp_path, "train.batch_size=2", "train.resume=auto",
+                            f"train.distributed={mode}"), "--master", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_file(str(out / "checkpoint-final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "checkpoint-final" / "adapter_model.safetensors"))
