@@ -39,13 +39,14 @@ def numbered_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, recipe: Recipe, state: dict, keep_last: int | None):
+def save_checkpoint(out: Path, model, optimizer, scheduler, recipe: Recipe, state: dict, keep_last: int | None,
+                    state_dict: dict | None = None):
     """Write one checkpoint atomically; then prune numbered checkpoints beyond `keep_last`."""
     from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + ".tmp")  # the caller starts it empty (DeepSpeed ranks may have written into it)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_trained(model, tmp, recipe.adapter.method)
+    save_trained(model, tmp, recipe.adapter.method, state_dict)
     save_recipe(recipe, tmp / "recipe.yaml")
     if optimizer is not None:  # under DeepSpeed its state is in tmp/deepspeed, one part per rank
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

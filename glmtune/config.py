@@ -91,7 +91,7 @@ class TrainConfig:
     keep_last: int = 2  # numbered checkpoints kept; checkpoint-final is never deleted
     resume: str = "auto"  # auto | never | PATH to a checkpoint-STEP folder
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
-    # several processes: auto (= ddp) | ddp | zero2 (DeepSpeed ZeRO-2 with configs/deepspeed/zero2.json)
+    # several processes: auto (= ddp) | ddp | zero2 | zero3 | zero3_offload (DeepSpeed, configs/deepspeed/*.json)
     distributed: str = "auto"
     deepspeed: Optional[str] = None  # a DeepSpeed config json of your own ("auto" values are filled from the recipe)
 
@@ -120,7 +120,7 @@ CHOICES = {
     "data.on_bad_sample": ("error", "skip"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.distributed": ("auto", "ddp", "zero2"),
+    "train.distributed": ("auto", "ddp", "zero2", "zero3", "zero3_offload"),
 }
 REPORT_TO = ("jsonl", "wandb", "tensorboard")
 LORA_METHODS = ("lora", "dora", "qlora")  # methods that put LoRA matrices on the `lora` components

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from glmtune.adapters import attach
 from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint
-from glmtune.config import CheckpointError, Recipe, to_dict
+from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, make_loader
 from glmtune.models import get_family
 
+IMAGE_KEYS = ("pixel_values", "images")  # batch keys that carry images, per family
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,7 +63,7 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepsp
 def deepspeed_config(recipe: Recipe) -> dict | None:
     """The DeepSpeed config of the recipe with its "auto" values filled from the recipe; None for DDP."""
     t = recipe.train
-    if t.deepspeed is None and t.distributed != "zero2":
+    if t.deepspeed is None and t.distributed in ("auto", "ddp"):
         return None
     path = Path(t.deepspeed) if t.deepspeed else DEEPSPEED_CONFIGS / f"{t.distributed}.json"
     cfg = json.loads(path.read_text())
@@ -204,6 +205,7 @@ def train(recipe: Recipe) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = uses_deepspeed(accelerator)
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     spec = stream_spec(recipe, [recipe.data.train], rank, world, train=True)
     val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
     loader = make_loader(spec, processor, start_batch=state["batches"], num_workers=recipe.data.num_workers)
@@ -225,9 +227,12 @@ def train(recipe: Recipe) -> dict:
         if deepspeed:  # ZeRO partitions the optimizer: every rank writes its part (frozen base left out)
             model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
             accelerator.wait_for_everyone()
+        # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
+        full_state = accelerator.get_state_dict(model) if zero3 else None
         if main:
             save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
-                            scheduler, recipe, {"step": step, "batches": state["batches"], **totals}, keep)
+                            scheduler, recipe, {"step": step, "batches": state["batches"], **totals}, keep,
+                            state_dict=full_state)
         accelerator.wait_for_everyone()
 
     step, last_good = state["step"], None
@@ -243,6 +248,12 @@ def train(recipe: Recipe) -> dict:
                 micro.append((last_good, 1.0))
             elif last_good is not None:  # every record of this batch was bad: a weightless pass keeps ranks in step
                 micro.append((last_good, 0.0))
+        if zero3:  # ZeRO-3 gathers weights collectively: every rank must run the vision tower, or none
+            with_images = all_reduce_sum([float(any(k in b for k in IMAGE_KEYS)) for b, _ in micro])
+            if any(0 < n < world for n in with_images):
+                raise RecipeError("train.distributed=zero3: in this step some processes have image samples and "
+                                  "others only text; ZeRO-3 cannot run that yet (it would hang). Use zero2 or ddp, "
+                                  "or data where every batch has an image")
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
         n_total = int(all_reduce_sum([n_local])[0])
         loss_total = 0.0

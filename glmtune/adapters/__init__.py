@@ -44,20 +44,23 @@ def attach(model, family, cfg):
     return METHODS[cfg.method](model, family, cfg)
 
 
-def trained_state(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters under official names (method none)."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trained_state(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Trainable parameters under official names (methods none, ptuning); from `state_dict` when the
+    parameters themselves are partitioned (DeepSpeed ZeRO-3 hands a gathered copy)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    return {n: source[n].detach().contiguous() for n in names}
 
 
-def save_trained(model, out_dir: Path, method: str) -> None:
+def save_trained(model, out_dir: Path, method: str, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     if method in FULL_STATE_METHODS:
-        save_file(trained_state(model), str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
+        save_file(trained_state(model, state_dict), str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
         if method == "ptuning":
             write_record(model, out_dir)
         return
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), state_dict=state_dict)
     record = getattr(model.get_base_model(), "glmtune_quantization", None)
     if record is not None:
         (out_dir / QUANT_FILE).write_text(json.dumps(record, indent=2))

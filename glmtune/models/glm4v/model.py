@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 from glmtune.models.glm4v.config import Glm4Config
 from glmtune.models.glm4v.vision import EVA2CLIPModel
@@ -189,8 +190,8 @@ class PrefixEncoder(nn.Module):
 
 
 @dataclass
-class Glm4Output:
-    logits: torch.Tensor
+class Glm4Output(ModelOutput):  # a ModelOutput (a dict) so DeepSpeed ZeRO-3 hooks can see the tensors
+    logits: torch.Tensor | None = None
     past_key_values: list | None = None
 
 

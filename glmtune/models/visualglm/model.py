@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 from glmtune.models.visualglm.config import ChatGLMConfig
 
@@ -141,8 +142,8 @@ def prefix_lm_mask(attention_mask, block_positions, past_len: int, dtype):
 
 
 @dataclass
-class ChatGLMOutput:
-    logits: torch.Tensor
+class ChatGLMOutput(ModelOutput):  # a ModelOutput (a dict) so DeepSpeed ZeRO-3 hooks can see the tensors
+    logits: torch.Tensor | None = None
     past_key_values: list | None = None
 
 
