@@ -128,22 +128,34 @@ def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: 
 
 @torch.no_grad()
 def eval_loss(model, processor, spec: StreamSpec, max_samples: int, accelerator=None) -> dict:
-    """Token-weighted mean loss over (at most `max_samples` of) one pass of `spec`'s data."""
+    """Token-weighted mean loss over (at most `max_samples` of) one pass of `spec`'s data.
+
+    Every process runs the same number of forward passes (one with nothing left to read repeats its last
+    batch and discards it): ZeRO-3 gathers weights collectively in every forward, so a rank with one batch
+    more than the others would wait forever.
+    """
     world = accelerator.num_processes if accelerator else 1
     was_training = model.training
     model.eval()
-    total, count, stats = 0.0, 0, DataStats()
-    for item in make_loader(spec, processor):
-        stats.add(item)
-        if item["batch"] is not None:
-            loss, n = token_loss_sum(model, _to(item["batch"], model))
-            total, count = total + loss.item(), count + n
-        if stats.samples >= math.ceil(max_samples / world):
+    total, count, stats, last = 0.0, 0, DataStats(), None
+    batches = iter(make_loader(spec, processor))
+    while True:
+        item = next(batches, None) if stats.samples < math.ceil(max_samples / world) else None
+        if item is not None:
+            stats.add(item)
+        if all_reduce_sum([float(item is not None)])[0] == 0:
             break
+        if item is None or item["batch"] is None:
+            if last is not None:
+                token_loss_sum(model, last)  # keeps this rank in step; result discarded
+            continue
+        last = _to(item["batch"], model)
+        loss, n = token_loss_sum(model, last)
+        total, count = total + loss.item(), count + n
     total, count = all_reduce_sum([total, count])
-    count = int(count)
     model.train(was_training)
-    return {"loss": total / max(count, 1), "tokens": count, "samples": stats.samples, "skipped": len(stats.skipped)}
+    return {"loss": total / max(count, 1), "tokens": int(count), "samples": stats.samples,
+            "skipped": len(stats.skipped)}
 
 
 def _to(batch: dict, model) -> dict:

@@ -54,19 +54,29 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["split"], r["step"], r["loss"]) for r in rows]
 
 
+@pytest.fixture(scope="module")
+def val13(shapes_data, tmp_path_factory) -> Path:
+    """13 validation records: 7 for rank 0, 6 for rank 1, so the ranks have different numbers of eval batches
+    (4 and 3 at batch size 2), which ZeRO-3 must survive."""
+    lines = (shapes_data / "val.jsonl").read_text().splitlines()[:13]
+    path = tmp_path_factory.mktemp("val13") / "val.jsonl"
+    path.write_text("\n".join(x.replace('"images/', f'"{shapes_data}/images/') for x in lines) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module", params=["ddp", "zero2", "zero3", "zero3_offload"])
-def ddp_run(request, tiny_glm4v, shapes_data, tmp_path_factory):
+def ddp_run(request, tiny_glm4v, shapes_data, val13, tmp_path_factory):
     """A 2-process run under DDP and under DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 with CPU offload
     (configs/deepspeed/*.json)."""
     out = tmp_path_factory.mktemp(request.param)
     port = free_port()
-    r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2", f"train.distributed={request.param}"),
-               "--master", f"127.0.0.1:{port}")
+    r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2", f"train.distributed={request.param}",
+                            f"data.val={val13}"), "--master", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r, request.param
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm4v, shapes_data, tmp_path):
+def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm4v, shapes_data, val13, tmp_path):
     from glmtune.config import load_recipe
     from glmtune.train import train
 
@@ -75,7 +85,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm
     assert r.stdout.count("train: 6 steps") == 1  # only the main process reports
     single = tmp_path / "single"
     train(load_recipe(ROOT / "recipes/glm4v/lora.yaml",
-                      overrides(tiny_glm4v, shapes_data, single, "train.batch_size=4")))
+                      overrides(tiny_glm4v, shapes_data, single, "train.batch_size=4", f"data.val={val13}")))
     a, b = losses(single), losses(out)
     assert [(s, k) for s, k, _ in a] == [(s, k) for s, k, _ in b]
     for (_, _, x), (_, _, y) in zip(a, b):
@@ -95,7 +105,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm
         assert (ddp_model(**batch).logits - single_model(**batch).logits).abs().max() <= 1e-4
 
 
-def test_two_process_resume_reproduces_the_uninterrupted_run(ddp_run, tiny_glm4v, shapes_data, tmp_path):
+def test_two_process_resume_reproduces_the_uninterrupted_run(ddp_run, tiny_glm4v, shapes_data, val13, tmp_path):
     out, _, mode = ddp_run
     shutil.copytree(out / "checkpoint-3", tmp_path / "checkpoint-3")
     if mode != "ddp":  # the optimizer state is DeepSpeed's, one partition per rank
@@ -103,7 +113,7 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(ddp_run, tiny_glm4v
         assert list((out / "checkpoint-3" / "deepspeed").rglob("*optim_states.pt"))
     port = free_port()
     r = launch(2, overrides(tiny_glm4v, shapes_data, tmp_path, "train.batch_size=2", "train.resume=auto",
-                            f"train.distributed={mode}"), "--master", f"127.0.0.1:{port}")
+                            f"train.distributed={mode}", f"data.val={val13}"), "--master", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_file(str(out / "checkpoint-final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "checkpoint-final" / "adapter_model.safetensors"))
