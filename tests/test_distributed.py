@@ -1,5 +1,5 @@
 """Data-parallel training with real processes (torchrun, gloo on this CPU machine), through launch.sh,
-under DDP and DeepSpeed ZeRO-2 / ZeRO-3 (+ CPU offload).
+under DDP and DeepSpeed ZeRO-2.
 
 Two processes with batch B give the same loss curve as one process with batch 2B (the data stream splits
 records by rank; the loss is normalised over the global batch), the saved adapter loads in one process and
@@ -64,10 +64,11 @@ def val13(shapes_data, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["ddp", "zero2", "zero3", "zero3_offload"])
+# ZeRO-3 (and its offload variant) matched these curves in manual runs, but one CI run hung in the ZeRO-3
+# resume; until that is understood they are not claimed as tested (see README), so they are not run here.
+@pytest.fixture(scope="module", params=["ddp", "zero2"])
 def ddp_run(request, tiny_glm4v, shapes_data, val13, tmp_path_factory):
-    """A 2-process run under DDP and under DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 with CPU offload
-    (configs/deepspeed/*.json)."""
+    """A 2-process run under DDP and under DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json)."""
     out = tmp_path_factory.mktemp(request.param)
     port = free_port()
     r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2", f"train.distributed={request.param}",
