@@ -3,7 +3,7 @@
 OUTPUT/checkpoint-STEP/ (and checkpoint-final/) hold
   adapter_config.json + adapter_model.safetensors   (or full_weights.safetensors for method none)
   recipe.yaml              the resolved recipe: eval / merge / chat find the base model and family here
-  trainer_state.json       step, data position (batches consumed), counters
+  trainer_state.json       step, data position (records consumed over all ranks), process count, counters
   optimizer.pt, scheduler.pt, rng.safetensors   exact resume (loaded with weights_only=True)
   deepspeed/               under DeepSpeed ZeRO instead of optimizer.pt: the engine's partitioned state
 A checkpoint is written to a temporary folder and renamed when complete, so a killed run never leaves a
@@ -77,6 +77,11 @@ def find_resume(recipe: Recipe) -> Path | None:
     return numbered[-1][1] if numbered else None
 
 
+def saved_world_size(ckpt: Path) -> int:
+    """How many processes wrote the checkpoint."""
+    return json.loads((ckpt / STATE).read_text()).get("world_size", 1)
+
+
 def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; return trainer_state.json."""
     from safetensors.torch import load_file
@@ -98,6 +103,9 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
     state = json.loads((ckpt / STATE).read_text())
+    if "records" not in state:
+        raise CheckpointError(f"{ckpt / STATE} has no data position ('records'): it was written by an older glmtune "
+                              f"whose stream positions were per rank; start a new train.output_dir")
     random.setstate((3, tuple(state.pop("python_random")), None))
     return state
 

@@ -43,8 +43,8 @@ def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None
     image_dir = image_dir or defaults["image_dir"]
     family, model, processor = load_for_inference(target, adapter)
     spec = StreamSpec(files=[str(data)], format=data_format, image_dir=image_dir, max_length=defaults["max_length"],
-                      on_bad_sample=on_bad_sample, batch_size=batch_size, epochs=1)
-    loss = eval_loss(model, processor, spec, max_samples)
+                      on_bad_sample=on_bad_sample, batch_size=batch_size, epochs=1, max_records=max_samples)
+    loss = eval_loss(model, processor, spec)
 
     pending, results, skipped = [], [], []
 

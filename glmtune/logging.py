@@ -53,7 +53,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 class MetricsLogger:
     """Send each `log(step, metrics, split)` to the backends named in `report_to`."""
 
-    def __init__(self, output_dir, report_to: list[str], run_name: str, config: dict, enabled: bool = True):
+    def __init__(self, output_dir, report_to: list[str], run_name: str, config: dict, enabled: bool = True,
+                 start_step: int = 0):
+        """`start_step`: the step this run starts from (a resumed checkpoint's, else 0). Rows of an earlier
+        metrics.jsonl after it (a killed run went on past its last checkpoint, or an old run in the same
+        folder) are dropped, so the file and the loss curve describe the run that produced the weights."""
         if isinstance(report_to, str):  # "wandb" instead of ["wandb"] would otherwise be read letter by letter
             report_to = [report_to]
         # Validate on every rank, so a typo fails the same way everywhere and not only on rank 0.
@@ -75,12 +79,11 @@ class MetricsLogger:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.output_dir / METRICS_FILE
-        self._earlier = _read_jsonl(metrics_path)
+        self._earlier = [row for row in _read_jsonl(metrics_path) if row.get("step", 0) <= start_step]
         if "jsonl" in self.report_to:
+            with open(metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self._earlier)
             self._jsonl = open(metrics_path, "a", encoding="utf-8")
-            # A crash mid-write can leave a last line without newline; start ours on a fresh line.
-            if metrics_path.stat().st_size and not metrics_path.read_bytes().endswith(b"\n"):
-                self._jsonl.write("\n")
         if "wandb" in self.report_to:
             self._wandb_run = self._init_wandb(config)
         if "tensorboard" in self.report_to:

@@ -7,25 +7,31 @@ batch is split into micro-batches or ranks.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from glmtune.adapters import attach
-from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint
-from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
+from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint, saved_world_size
+from glmtune.config import CheckpointError, Recipe, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, make_loader
+from glmtune.distributed import (
+    all_reduce_sum,
+    deepspeed_resume_dir,
+    make_accelerator,
+    run_vision_on_every_batch,
+    uses_deepspeed,
+)
 from glmtune.models import get_family
 
-IMAGE_KEYS = ("pixel_values", "images")  # batch keys that carry images, per family
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,56 +63,6 @@ class DataStats:
         self.skipped.extend([list(s) for s in item["skipped"]])
 
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
-
-
-def deepspeed_config(recipe: Recipe) -> dict | None:
-    """The DeepSpeed config of the recipe with its "auto" values filled from the recipe; None for DDP."""
-    t = recipe.train
-    if t.deepspeed is None and t.distributed in ("auto", "ddp"):
-        return None
-    path = Path(t.deepspeed) if t.deepspeed else DEEPSPEED_CONFIGS / f"{t.distributed}.json"
-    cfg = json.loads(path.read_text())
-    fills = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-             "gradient_clipping": t.max_grad_norm}
-    for key, value in fills.items():
-        if cfg.get(key, "auto") == "auto":
-            cfg[key] = value
-    for key, enabled in (("bf16", t.mixed_precision == "bf16"), ("fp16", t.mixed_precision == "fp16")):
-        if cfg.get(key, {}).get("enabled") == "auto":
-            cfg[key]["enabled"] = enabled
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
-    return cfg
-
-
-def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    ds = deepspeed_config(recipe)
-    if ds is not None:  # DeepSpeed picks its own accelerator; CPU processes talk over gloo
-        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers,
-                           mixed_precision=recipe.train.mixed_precision,
-                           gradient_accumulation_steps=recipe.train.grad_accum)
-    # Without a GPU, accelerate only treats a torchrun/accelerate-launched job as multi-process (DDP over
-    # gloo) when told `cpu=True`; otherwise every process would silently train alone.
-    cpu = not torch.cuda.is_available()
-    # a text-only micro-batch leaves the vision tower's trainable parameters without gradients
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=recipe.train.grad_accum)
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum across processes (a no-op in one process). torch.distributed directly: accelerate's `reduce`
-    leaves CPU (gloo) tensors unreduced."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross entropy over target tokens, and their count."""
     labels = batch["labels"]
@@ -123,39 +79,41 @@ def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: 
     return StreamSpec(files=files, format=d.format, image_dir=d.image_dir, max_length=d.max_length,
                       on_bad_sample=d.on_bad_sample,
                       batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
-                      seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1)
+                      seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1,
+                      max_records=None if train else d.max_eval_samples)
 
 
 @torch.no_grad()
-def eval_loss(model, processor, spec: StreamSpec, max_samples: int, accelerator=None) -> dict:
-    """Token-weighted mean loss over (at most `max_samples` of) one pass of `spec`'s data.
+def eval_loss(model, processor, spec: StreamSpec) -> dict:
+    """Token-weighted mean loss over one pass of `spec`'s data (its first `max_records` records): the same
+    records, hence the same value, under any number of processes.
 
     Every process runs the same number of forward passes (one with nothing left to read repeats its last
     batch and discards it): ZeRO-3 gathers weights collectively in every forward, so a rank with one batch
     more than the others would wait forever.
     """
-    world = accelerator.num_processes if accelerator else 1
     was_training = model.training
     model.eval()
     total, count, stats, last = 0.0, 0, DataStats(), None
     batches = iter(make_loader(spec, processor))
     while True:
-        item = next(batches, None) if stats.samples < math.ceil(max_samples / world) else None
+        item = next(batches, None)
         if item is not None:
             stats.add(item)
         if all_reduce_sum([float(item is not None)])[0] == 0:
             break
         if item is None or item["batch"] is None:
-            if last is not None:
-                token_loss_sum(model, last)  # keeps this rank in step; result discarded
+            if last is None:  # nothing read yet (fewer records than processes): borrow the data's first one
+                last = _to(next(iter(make_loader(replace(spec, rank=0, world_size=1, batch_size=1),
+                                                 processor)))["batch"], model)
+            token_loss_sum(model, last)  # keeps this rank in step; result discarded
             continue
         last = _to(item["batch"], model)
         loss, n = token_loss_sum(model, last)
         total, count = total + loss.item(), count + n
-    total, count = all_reduce_sum([total, count])
+    total, count, samples, skipped = all_reduce_sum([total, count, stats.samples, len(stats.skipped)])
     model.train(was_training)
-    return {"loss": total / max(count, 1), "tokens": int(count), "samples": stats.samples,
-            "skipped": len(stats.skipped)}
+    return {"loss": total / max(count, 1), "tokens": int(count), "samples": int(samples), "skipped": int(skipped)}
 
 
 def _to(batch: dict, model) -> dict:
@@ -168,7 +126,15 @@ def setup(recipe: Recipe):
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    accelerator = make_accelerator(recipe)
+    resume_from = find_resume(recipe)
+    saved_world = saved_world_size(resume_from) if resume_from is not None else None
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    accelerator = make_accelerator(recipe, load_universal=saved_world not in (None, world))
+    if resume_from is not None and (resume_from / "deepspeed").is_dir() != uses_deepspeed(accelerator):
+        written = "under DeepSpeed" if (resume_from / "deepspeed").is_dir() else "without DeepSpeed"
+        raise CheckpointError(f"{resume_from} was written {written}, so its optimizer state does not fit this run's "
+                              f"train.distributed={recipe.train.distributed}; resume it with the engine it was "
+                              f"written with, or start a new train.output_dir")
     set_seed(recipe.train.seed)
     family = get_family(recipe.model.family)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
@@ -185,24 +151,17 @@ def setup(recipe: Recipe):
     t = recipe.train
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
                               num_training_steps=t.max_steps)
-    state = {"step": 0, "batches": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": []}
-    resume_from = find_resume(recipe)
+    state = {"step": 0, "records": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": []}
     if resume_from is not None:
         state.update(load_resume_state(resume_from, model, optimizer, scheduler, recipe.adapter.method))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if uses_deepspeed(accelerator):
+        zero_stage = accelerator.state.deepspeed_plugin.zero_stage
+        run_vision_on_every_batch(accelerator.unwrap_model(model), family, zero_stage)
     if resume_from is not None and uses_deepspeed(accelerator):
-        if not (resume_from / "deepspeed").is_dir():
-            raise CheckpointError(f"{resume_from} was not written under DeepSpeed; resume it without train.distributed"
-                                  f"=zero2 / train.deepspeed, or start a new output_dir")
-        model.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_module_strict=False,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        model.load_checkpoint(str(deepspeed_resume_dir(resume_from, accelerator, saved_world)), tag="state",
+                              load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
     return accelerator, family, model, processor, optimizer, scheduler, state, resume_from
-
-
-def uses_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def train(recipe: Recipe) -> dict:
@@ -220,11 +179,12 @@ def train(recipe: Recipe) -> dict:
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     spec = stream_spec(recipe, [recipe.data.train], rank, world, train=True)
     val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
-    loader = make_loader(spec, processor, start_batch=state["batches"], num_workers=recipe.data.num_workers)
+    loader = make_loader(spec, processor, start_record=state["records"], num_workers=recipe.data.num_workers)
     batches = iter(loader)
     # this process's counters; checkpoints and the summary hold the totals over processes and resumed runs
     stats, prior = DataStats(), {k: state[k] for k in ("samples", "tokens", "truncated", "skipped")}
-    logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main)
+    logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main,
+                           start_step=state["step"])
     # In a log file (no TTY) redraw rarely, so the bar does not flood it.
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (main and recipe.log.progress_bar),
                desc="train", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -242,9 +202,9 @@ def train(recipe: Recipe) -> dict:
         # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
         full_state = accelerator.get_state_dict(model) if zero3 else None
         if main:
+            position = {"step": step, "records": state["records"], "world_size": world}
             save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
-                            scheduler, recipe, {"step": step, "batches": state["batches"], **totals}, keep,
-                            state_dict=full_state)
+                            scheduler, recipe, {**position, **totals}, keep, state_dict=full_state)
         accelerator.wait_for_everyone()
 
     step, last_good = state["step"], None
@@ -254,18 +214,12 @@ def train(recipe: Recipe) -> dict:
         for _ in range(t.grad_accum):
             item = next(batches)
             stats.add(item)
-            state["batches"] += 1
+            state["records"] = item["position"]
             if item["batch"] is not None:
                 last_good = _to(item["batch"], model)
                 micro.append((last_good, 1.0))
             elif last_good is not None:  # every record of this batch was bad: a weightless pass keeps ranks in step
                 micro.append((last_good, 0.0))
-        if zero3:  # ZeRO-3 gathers weights collectively: every rank must run the vision tower, or none
-            with_images = all_reduce_sum([float(any(k in b for k in IMAGE_KEYS)) for b, _ in micro])
-            if any(0 < n < world for n in with_images):
-                raise RecipeError("train.distributed=zero3: in this step some processes have image samples and "
-                                  "others only text; ZeRO-3 cannot run that yet (it would hang). Use zero2 or ddp, "
-                                  "or data where every batch has an image")
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
         n_total = int(all_reduce_sum([n_local])[0])
         loss_total = 0.0
@@ -298,13 +252,13 @@ def train(recipe: Recipe) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped))
         bar.update(1)
         if recipe.data.val and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            last_eval = eval_loss(model, processor, val_spec, recipe.data.max_eval_samples, accelerator)
+            last_eval = eval_loss(model, processor, val_spec)
             logger.log(step, {"loss": last_eval["loss"]}, split="eval")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             checkpoint(f"checkpoint-{step}", t.keep_last)
     bar.close()
     if recipe.data.val:
-        last_eval = eval_loss(model, processor, val_spec, recipe.data.max_eval_samples, accelerator)
+        last_eval = eval_loss(model, processor, val_spec)
         logger.log(step, {"loss": last_eval["loss"]}, split="eval")
     checkpoint("checkpoint-final", None)
     logger.close()

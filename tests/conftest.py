@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_COLOURS, _SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,18 @@ def tiny_chatglm(tmp_path_factory) -> Path:
     from glmtune.models import get_family
 
     return Path(get_family("chatglm").make_tiny(tmp_path_factory.mktemp("tiny-chatglm"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    """Text-only QA for GLM-4-9B-Chat: the answer is in the question's context."""
+    out = tmp_path_factory.mktemp("text-data")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("val", 8)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                colour, shape = rng.choice(_COLOURS), rng.choice(_SHAPES)
+                q = f"There is a {colour} {shape}. What colour is the shape?"
+                f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                                 {"role": "assistant", "content": colour}]}) + "\n")
+    return out

@@ -1,10 +1,14 @@
-"""Data-parallel training with real processes (torchrun, gloo on this CPU machine), through launch.sh,
-under DDP and DeepSpeed ZeRO-2.
+"""Data-parallel training with real processes (torchrun through launch.sh, gloo on this CPU machine): every
+family under DDP, DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload.
 
-Two processes with batch B give the same loss curve as one process with batch 2B (the data stream splits
-records by rank; the loss is normalised over the global batch), the saved adapter loads in one process and
-gives the same logits, a 2-process resume reproduces the uninterrupted 2-process run, and two launcher
-invocations form a 2-node job on loopback.
+For each family x engine, two processes with batch B:
+  - give the loss curve (train and eval) of one process with batch 2B (one global record order split by
+    rank; the loss is normalised over the global batch), within 1e-4;
+  - save an adapter that loads in one process and gives the single run's logits;
+  - resume from a mid-run checkpoint and reproduce the uninterrupted run (DeepSpeed: its own per-rank state).
+Resume under a different process count (2 -> 1: the data position re-split, DeepSpeed's state through its
+universal checkpoint), text-only and image batches on different ranks under ZeRO-2/3 (the vision tower runs
+on a blank image), and a 2-node job on loopback (two launcher invocations) are tested too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.distributed
 
+# family -> (recipe, model fixture, data fixture, recipe-specific overrides)
+FAMILIES = {
+    "glm41v": ("glm41v/lora.yaml", "tiny_glm41v", "shapes_data", []),
+    "glm4v": ("glm4v/lora.yaml", "tiny_glm4v", "shapes_data", []),
+    "glm4": ("glm4/lora.yaml", "tiny_glm4", "text_data", []),
+    "visualglm": ("visualglm/lora_all.yaml", "tiny_visualglm", "shapes_data", ["data.format=auto"]),
+    "chatglm": ("chatglm/lora.yaml", "tiny_chatglm", "text_data", []),
+}
+ENGINES = ("ddp", "zero2", "zero3", "zero3_offload")
+STEPS = 4
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,21 +46,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.path={model}", f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
-            "data.max_eval_samples=16", "model.dtype=float32", "train.mixed_precision=no",
-            "model.gradient_checkpointing=false", "train.max_steps=6", "train.lr=1e-2", "adapter.dropout=0.0",
-            "train.resume=never", "log.progress_bar=false", "data.max_length=128", "data.shuffle_buffer=0",
-            "data.num_workers=1", "train.grad_accum=2", "train.save_every=3", f"train.output_dir={out}", *extra]
-
-
 def env() -> dict:
     # one thread per process: two processes on two cores, and no oversubscription
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def launch(nproc: int, args: list[str], *launcher: str) -> subprocess.CompletedProcess:
-    cmd = ["bash", str(ROOT / "launch.sh"), str(nproc), str(ROOT / "recipes/glm4v/lora.yaml"), *launcher, *args]
+def val13(data: Path, out: Path) -> Path:
+    """13 validation records (7 + 6 for two ranks at batch 2: the ranks run different numbers of eval batches,
+    which ZeRO-3 must survive); image paths made absolute."""
+    lines = (data / "val.jsonl").read_text().splitlines()
+    lines = (lines * 2)[:13]
+    path = out / "val13.jsonl"
+    path.write_text("\n".join(x.replace('"images/', f'"{data}/images/') for x in lines) + "\n")
+    return path
+
+
+def overrides(family: str, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={model}", f"data.train={data / 'train.jsonl'}", f"data.val={val13(data, out.parent)}",
+            "model.dtype=float32", "train.mixed_precision=no", "model.gradient_checkpointing=false",
+            f"train.max_steps={STEPS}", "train.lr=1e-2", "adapter.dropout=0.0", "train.resume=never",
+            "log.progress_bar=false", "data.max_length=128", "data.shuffle_buffer=8", "data.num_workers=1",
+            "train.grad_accum=2", "train.save_every=2", "train.batch_size=2", f"train.output_dir={out}",
+            *FAMILIES[family][3], *extra]
+
+
+def launch(nproc: int, recipe: str, args: list[str], *launcher: str) -> subprocess.CompletedProcess:
+    cmd = ["bash", str(ROOT / "launch.sh"), str(nproc), str(ROOT / "recipes" / recipe), *launcher, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def one_process(recipe: str, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "glmtune", "train", str(ROOT / "recipes" / recipe), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
@@ -54,79 +85,173 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["split"], r["step"], r["loss"]) for r in rows]
 
 
+def assert_same_curve(a: Path, b: Path, atol: float = 1e-4):
+    x, y = losses(a), losses(b)
+    assert [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
+    for (_, _, u), (_, _, v) in zip(x, y):
+        assert abs(u - v) <= atol, (x, y)
+
+
+def assert_same_curve_after(a: Path, b: Path, step: int):
+    x = [r for r in losses(a) if r[1] > step]
+    y = [r for r in losses(b) if r[1] > step]
+    assert x and [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
+    for (_, _, u), (_, _, v) in zip(x, y):
+        assert abs(u - v) <= 1e-5, (x, y)
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float):
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys() and x
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=atol, msg=k)
+
+
 @pytest.fixture(scope="module")
-def val13(shapes_data, tmp_path_factory) -> Path:
-    """13 validation records: 7 for rank 0, 6 for rank 1, so the ranks have different numbers of eval batches
-    (4 and 3 at batch size 2), which ZeRO-3 must survive."""
-    lines = (shapes_data / "val.jsonl").read_text().splitlines()[:13]
-    path = tmp_path_factory.mktemp("val13") / "val.jsonl"
-    path.write_text("\n".join(x.replace('"images/', f'"{shapes_data}/images/') for x in lines) + "\n")
-    return path
+def single(request, tmp_path_factory):
+    """The 1-process run with the global batch (2 x 2 records), per family, built on first use."""
+    runs = {}
+
+    def get(family: str) -> Path:
+        if family not in runs:
+            from glmtune.config import load_recipe
+            from glmtune.train import train
+
+            recipe, model_fixture, data_fixture, _ = FAMILIES[family]
+            model, data = request.getfixturevalue(model_fixture), request.getfixturevalue(data_fixture)
+            out = tmp_path_factory.mktemp(f"single-{family}") / "run"
+            train(load_recipe(ROOT / "recipes" / recipe,
+                              overrides(family, model, data, out, "train.batch_size=4", "data.num_workers=0")))
+            runs[family] = out
+        return runs[family]
+
+    return get
 
 
-# ZeRO-3 (and its offload variant) matched these curves in manual runs, but one CI run hung in the ZeRO-3
-# resume; until that is understood they are not claimed as tested (see README), so they are not run here.
-@pytest.fixture(scope="module", params=["ddp", "zero2"])
-def ddp_run(request, tiny_glm4v, shapes_data, val13, tmp_path_factory):
-    """A 2-process run under DDP and under DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json)."""
-    out = tmp_path_factory.mktemp(request.param)
-    port = free_port()
-    r = launch(2, overrides(tiny_glm4v, shapes_data, out, "train.batch_size=2", f"train.distributed={request.param}",
-                            f"data.val={val13}"), "--master", f"127.0.0.1:{port}")
+@pytest.fixture(scope="module", params=[(f, e) for f in FAMILIES for e in ENGINES], ids=lambda p: "-".join(p))
+def job(request, tmp_path_factory):
+    """A 2-process run of a family's LoRA recipe under one engine, with a checkpoint at step 2."""
+    family, engine = request.param
+    recipe, model_fixture, data_fixture, _ = FAMILIES[family]
+    model, data = request.getfixturevalue(model_fixture), request.getfixturevalue(data_fixture)
+    out = tmp_path_factory.mktemp(f"{family}-{engine}") / "run"
+    args = overrides(family, model, data, out, f"train.distributed={engine}")
+    r = launch(2, recipe, args, "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r, request.param
+    return {"family": family, "engine": engine, "recipe": recipe, "model": model, "data": data, "out": out,
+            "result": r}
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(ddp_run, tiny_glm4v, shapes_data, val13, tmp_path):
-    from glmtune.config import load_recipe
-    from glmtune.train import train
-
-    out, r, _ = ddp_run
+def test_two_processes_equal_one_process_with_the_global_batch(job, single):
+    out, r = job["out"], job["result"]
     assert "+ torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in r.stdout  # launch.sh shows its command
-    assert r.stdout.count("train: 6 steps") == 1  # only the main process reports
-    single = tmp_path / "single"
-    train(load_recipe(ROOT / "recipes/glm4v/lora.yaml",
-                      overrides(tiny_glm4v, shapes_data, single, "train.batch_size=4", f"data.val={val13}")))
-    a, b = losses(single), losses(out)
-    assert [(s, k) for s, k, _ in a] == [(s, k) for s, k, _ in b]
-    for (_, _, x), (_, _, y) in zip(a, b):
-        assert abs(x - y) <= 1e-4, (a, b)
+    assert r.stdout.count(f"train: {STEPS} steps") == 1  # only the main process reports
+    reference = single(job["family"])
+    assert_same_curve(reference, out)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples_seen"] == 6 * 2 * 4  # steps x micro-batches x global batch: nothing lost or repeated
+    assert summary["samples_seen"] == STEPS * 2 * 4  # steps x micro-batches x global batch: nothing lost/repeated
+    assert summary["eval"]["samples"] == 13
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["records"] == 2 * 2 * 4 and state["world_size"] == 2
 
     # the adapter saved by the 2-process job loads in one process and gives the single run's logits
     from glmtune.chat import load_for_inference
     from glmtune.data.sample import Turn
 
-    _, ddp_model, proc = load_for_inference(out / "checkpoint-final")
-    _, single_model, _ = load_for_inference(single / "checkpoint-final")
+    _, model, proc = load_for_inference(out / "checkpoint-final")
+    _, reference_model, _ = load_for_inference(reference / "checkpoint-final")
     batch = proc.collate([proc.encode([Turn("user", "What colour is the shape?"), Turn("assistant", "red")], [])])
     batch.pop("labels")
     with torch.no_grad():
-        assert (ddp_model(**batch).logits - single_model(**batch).logits).abs().max() <= 1e-4
+        assert (model(**batch).logits - reference_model(**batch).logits).abs().max() <= 1e-4
 
 
-def test_two_process_resume_reproduces_the_uninterrupted_run(ddp_run, tiny_glm4v, shapes_data, val13, tmp_path):
-    out, _, mode = ddp_run
-    shutil.copytree(out / "checkpoint-3", tmp_path / "checkpoint-3")
-    if mode != "ddp":  # the optimizer state is DeepSpeed's, one partition per rank
-        assert not (out / "checkpoint-3" / "optimizer.pt").exists()
-        assert list((out / "checkpoint-3" / "deepspeed").rglob("*optim_states.pt"))
-    port = free_port()
-    r = launch(2, overrides(tiny_glm4v, shapes_data, tmp_path, "train.batch_size=2", "train.resume=auto",
-                            f"train.distributed={mode}", f"data.val={val13}"), "--master", f"127.0.0.1:{port}")
+def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
+    out, engine = job["out"], job["engine"]
+    resumed = tmp_path / "run"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    if engine != "ddp":  # the optimizer state is DeepSpeed's, one partition per rank
+        assert not (out / "checkpoint-2" / "optimizer.pt").exists()
+        assert len(list((out / "checkpoint-2" / "deepspeed").rglob("*optim_states.pt"))) == 2
+    args = overrides(job["family"], job["model"], job["data"], resumed, f"train.distributed={engine}",
+                     "train.resume=auto")
+    r = launch(2, job["recipe"], args, "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(str(out / "checkpoint-final" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "checkpoint-final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert_same_adapter(out / "checkpoint-final", resumed / "checkpoint-final", atol=1e-6)
+    assert_same_curve_after(out, resumed, 2)
+    assert json.loads((resumed / "summary.json").read_text())["samples_seen"] == STEPS * 2 * 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tmp_path_factory):
+    """A 2-process checkpoint resumed by one process with the same global batch: the data position is
+    re-split (nothing lost or repeated) and, under ZeRO, DeepSpeed's partitioned optimizer state goes through
+    its universal checkpoint; the run ends where the uninterrupted 2-process run ends."""
+    root = tmp_path_factory.mktemp(f"regroup-{engine}")
+    two = root / "two"
+    args = overrides("glm4v", tiny_glm4v, shapes_data, two, f"train.distributed={engine}")
+    r = launch(2, "glm4v/lora.yaml", args, "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = root / "one"
+    one.mkdir()
+    shutil.copytree(two / "checkpoint-2", one / "checkpoint-2")
+    args = overrides("glm4v", tiny_glm4v, shapes_data, one, f"train.distributed={engine}", "train.resume=auto",
+                     "train.batch_size=4")
+    r = one_process("glm4v/lora.yaml", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (one / "checkpoint-2" / "deepspeed_universal").is_dir() == (engine != "ddp")
+    assert_same_adapter(two / "checkpoint-final", one / "checkpoint-final", atol=1e-4)  # see the mixed test
+    assert_same_curve_after(two, one, 2)
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["samples_seen"] == STEPS * 2 * 4 and summary["resumed_from"].endswith("checkpoint-2")
+
+
+@pytest.fixture(scope="module")
+def mixed_data(shapes_data, tmp_path_factory) -> Path:
+    """Image and text-only records alternating: at batch 1 on two processes, rank 0 gets only images and
+    rank 1 only text."""
+    images = (shapes_data / "train.jsonl").read_text().splitlines()[:8]
+    images = [line.replace('"images/', f'"{shapes_data}/images/') for line in images]
+    text = [json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]})
+            for w in ("red", "blue", "green", "yellow") * 2]
+    path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
+    path.write_text("\n".join(x for pair in zip(images, text) for x in pair) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("family,engine", [("glm4v", "zero3"), ("glm41v", "zero3"), ("visualglm", "zero3"),
+                                           ("glm4v", "zero2")])
+def test_text_only_and_image_batches_on_different_ranks(family, engine, request, mixed_data, tmp_path):
+    """ZeRO-3 gathers the vision tower's weights collectively, and ZeRO-2 reduces the gradients of a trainable
+    tower: a rank with a text-only batch beside one with images used to hang (a known failure of other
+    tools). The tower now runs on a blank image there, adding exactly 0: the run equals one process with both
+    records in each batch, including the trained vision LoRA."""
+    recipe, model_fixture, _, _ = FAMILIES[family]
+    model, data = request.getfixturevalue(model_fixture), request.getfixturevalue("shapes_data")
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return overrides(family, model, data, out, f"data.train={mixed_data}", "data.val=null",
+                         "data.shuffle_buffer=0", "train.grad_accum=1", "train.save_every=0",
+                         "adapter.components.vision=lora", *extra)
+
+    r = launch(2, recipe, args(tmp_path / "two", "train.batch_size=1", f"train.distributed={engine}"),
+               "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = one_process(recipe, args(tmp_path / "one", "train.batch_size=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    adapter = load_file(str(tmp_path / "two" / "checkpoint-final" / "adapter_model.safetensors"))
+    vision_lora = [k for k in adapter if ("vision" in k or "image_encoder" in k or "visual" in k) and "lora_B" in k]
+    assert vision_lora and any(adapter[k].abs().max() > 0 for k in vision_lora)  # the tower's LoRA trained
+    # Adam magnifies summation-order noise in near-zero gradients (a LoRA A before its B moves) to ~1e-5;
+    # a lost or doubled gradient would move a weight by about one step, lr = 1e-2
+    assert_same_adapter(tmp_path / "one" / "checkpoint-final", tmp_path / "two" / "checkpoint-final", atol=1e-4)
 
 
 def test_two_nodes_on_loopback(tiny_glm4v, shapes_data, tmp_path):
     port = free_port()
-    args = overrides(tiny_glm4v, shapes_data, tmp_path / "run", "train.batch_size=2", "train.max_steps=2",
-                     "train.save_every=0")
+    args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run", "train.max_steps=2", "train.save_every=0")
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch.sh"), "1", str(ROOT / "recipes/glm4v/lora.yaml"),
                                "--nnodes", "2", "--node-rank", str(rank), "--master", f"127.0.0.1:{port}", *args],
                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -137,31 +262,23 @@ def test_two_nodes_on_loopback(tiny_glm4v, shapes_data, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["samples_seen"] == 2 * 2 * 4
 
 
-def test_zero3_with_text_only_and_image_batches_on_different_ranks_is_a_clear_error(tiny_glm4v, shapes_data,
-                                                                                     tmp_path):
-    """Rank 0 gets only image samples, rank 1 only text. ZeRO-3 gathers the vision tower's weights collectively,
-    so that would hang (a known failure of other tools); glmtune stops every rank with a clear error instead.
-    (Running the tower on a blank image for text-only ranks is not implemented yet.)"""
-    images = (shapes_data / "train.jsonl").read_text().splitlines()[:8]
-    text = [json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]})
-            for w in ("red", "blue", "green", "yellow") * 2]
-    mixed = tmp_path / "mixed.jsonl"
-    lines = [line.replace('"images/', f'"{shapes_data}/images/') for line in images]
-    mixed.write_text("\n".join(x for pair in zip(lines, text) for x in pair) + "\n")  # record i -> rank i % 2
-    port = free_port()
-    args = overrides(tiny_glm4v, shapes_data, tmp_path / "run", "train.batch_size=1", "train.grad_accum=1",
-                     "train.max_steps=4", "train.save_every=0", "train.distributed=zero3", f"data.train={mixed}",
-                     "data.val=null")
-    r = launch(2, args, "--master", f"127.0.0.1:{port}")
-    assert r.returncode != 0
-    # every rank stops with the CLI's one-line error (torchrun then reports the failed children)
-    assert r.stderr.count("glmtune train: error: train.distributed=zero3: in this step some processes have image") == 2
+@pytest.mark.parametrize("written,resumed", [("ddp", "zero2"), ("zero2", "ddp")])
+def test_resume_with_another_engine_is_a_clear_error(written, resumed, tiny_glm4v, shapes_data, tmp_path):
+    """A DeepSpeed checkpoint holds per-rank optimizer partitions, a DDP one optimizer.pt: resuming one with the
+    other engine would silently lose the optimizer state, so it stops with a clear error (one process each:
+    DeepSpeed runs without a launcher too)."""
+    out = tmp_path / "run"
+    args = overrides("glm4v", tiny_glm4v, shapes_data, out, "train.max_steps=2", "data.val=null")
+    r = one_process("glm4v/lora.yaml", [*args, f"train.distributed={written}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (out / "checkpoint-final").rename(out / "checkpoint-2")
+    r = one_process("glm4v/lora.yaml", [*args, f"train.distributed={resumed}", "train.resume=auto",
+                                        "train.max_steps=3"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "checkpoint-2 was written" in r.stderr and "resume it with the engine it was written with" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_launch_errors_are_clear():
     r = subprocess.run(["bash", str(ROOT / "launch.sh"), "2", "nope.yaml"], capture_output=True, text=True)
     assert r.returncode == 2 and "recipe file not found: nope.yaml" in r.stderr
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))

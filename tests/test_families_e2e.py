@@ -4,7 +4,6 @@ merge of the trained adapter equals the adapter model (PEFT round trip included)
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,6 @@ from glmtune.config import load_recipe
 from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
-COLOURS, SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    """Text-only QA for GLM-4-9B-Chat: the answer is in the question's context."""
-    out = tmp_path_factory.mktemp("text-data")
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("val", 8)):
-        with open(out / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
-                q = f"There is a {colour} {shape}. What colour is the shape?"
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": colour}]}) + "\n")
-    return out
 
 
 # recipe -> (model fixture, data fixture, recipe-specific overrides, bound on final/first loss after 16 steps)

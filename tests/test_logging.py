@@ -1,4 +1,4 @@
-"""glmtune.logging: JSONL (append on resume), tensorboard, wandb offline, loss curve, summary."""
+"""glmtune.logging: JSONL (continued on resume), tensorboard, wandb offline, loss curve, summary."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from glmtune.logging import MetricsLogger, write_summary
 
 def test_jsonl_appends_across_runs_and_plots_whole_curve(tmp_path):
     first = MetricsLogger(tmp_path, ["jsonl"], "run", {})
-    for step in (1, 2):
+    for step in (1, 2, 3):  # killed after step 3, its last checkpoint at step 2
         first.log(step, {"loss": 3.0 - step})
     first.close()
-    second = MetricsLogger(tmp_path, ["jsonl"], "run", {})  # a resumed run
+    second = MetricsLogger(tmp_path, ["jsonl"], "run", {}, start_step=2)  # resumed from checkpoint-2
     second.log(3, {"loss": 0.5})
     second.log(3, {"loss": 0.7}, split="eval")
     second.close()
@@ -22,6 +22,8 @@ def test_jsonl_appends_across_runs_and_plots_whole_curve(tmp_path):
     assert [(r["step"], r["split"], r["loss"]) for r in rows] == [
         (1, "train", 2.0), (2, "train", 1.0), (3, "train", 0.5), (3, "eval", 0.7)]
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    MetricsLogger(tmp_path, ["jsonl"], "run", {}).close()  # a fresh run (start_step 0) in the same folder
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_tensorboard_holds_the_scalars(tmp_path):
@@ -80,11 +82,11 @@ def test_resume_after_a_crash_mid_line(tmp_path):
     # A run killed while writing leaves a cut-off last line without newline; the resumed run must neither crash
     # in close() nor glue its first line onto the broken one.
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0, "time": 1}\n{"step": 2, "sp')
-    logger = MetricsLogger(tmp_path, ["jsonl"], "run", {})
+    logger = MetricsLogger(tmp_path, ["jsonl"], "run", {}, start_step=1)
     logger.log(2, {"loss": 1.5})
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["loss"] == 1.5 and len(lines) == 3
+    assert [json.loads(x)["loss"] for x in lines] == [2.0, 1.5]
     assert _is_png(tmp_path / "loss_curve.png")
 
 

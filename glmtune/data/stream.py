@@ -1,18 +1,19 @@
-"""Streaming batches: rank/worker sharding, deterministic shuffle, exact resume.
+"""Streaming batches: one global record order, split by rank, exact resume under any process count.
 
-Nothing reads the dataset before step 1: records are read line by line, shuffled through a bounded
-buffer, and grouped into batches of `batch_size` *records*. Batch `b` of a rank is a pure function of
-(files, seed, rank, world size, b), so:
-  - resume is exact: the checkpoint stores how many batches were consumed; on resume the record
-    stream is replayed as text (no image decoding) up to that batch;
-  - DataLoader workers split batches round-robin relative to the resume point, which is also the
-    order in which the DataLoader returns them, so the batch order does not depend on the number of
-    workers;
+Nothing reads the dataset before step 1: records are read line by line and shuffled through a bounded
+buffer seeded by (seed, epoch) only, so every process computes the same global record order; epochs follow
+each other without a break. Global micro-batch k holds records [start + k*G, start + (k+1)*G) of that order,
+G = batch_size x world_size, and rank r takes the r-th slice of batch_size records. Hence:
+  - the data position is one number, the records consumed (`position` of each batch); resume starts there
+    and is exact, and it is exact under a different process count too: a 2-process run and a 1-process run
+    with twice the batch size read the same records in every step, nothing lost or repeated;
+  - DataLoader workers split batches round-robin relative to the resume point, which is also the order in
+    which the DataLoader returns them, so the batch order does not depend on the number of workers;
   - images are decoded and tokenised inside the workers, only for the worker's own batches.
-A bad record (bad JSON, wrong fields, missing/corrupt image, too long) is either an error or dropped
-from its batch and reported in the batch's `skipped` list, by the record's owner only, so that the
-training loop counts every bad sample exactly once. The stream repeats epochs until the trainer stops;
-an evaluation stream (`epochs=1`) ends after one pass.
+A bad record (bad JSON, wrong fields, missing/corrupt image, too long) is either an error or dropped from its
+batch and reported in the batch's `skipped` list by the one rank that owns it, so the training loop counts
+every bad sample exactly once. The training stream repeats epochs until the trainer stops; an evaluation
+stream (`epochs=1`) ends after one pass, its last global batch possibly short (a rank may get nothing).
 """
 
 from __future__ import annotations
@@ -38,35 +39,34 @@ class StreamSpec:
     image_dir: str | None = None  # relative image paths resolve here; None = next to each data file
     max_length: int = 1024
     on_bad_sample: str = "error"  # error | skip
-    batch_size: int = 1
+    batch_size: int = 1  # records per rank and micro-batch
     shuffle_buffer: int = 0
     seed: int = 0
     rank: int = 0
     world_size: int = 1
     epochs: int | None = None  # None = repeat forever (training)
+    max_records: int | None = None  # only the first N records of each epoch (evaluation subsets)
 
 
 def image_base(data_file: str | Path, image_dir: str | None) -> Path:
     return Path(image_dir).resolve() if image_dir else Path(data_file).resolve().parent
 
 
-def rank_records(spec: StreamSpec, epoch: int) -> Iterator[tuple[str, dict | SampleError, Path]]:
-    """This rank's records for one epoch, shuffled through a bounded buffer seeded by (seed, epoch)."""
+def epoch_records(spec: StreamSpec, epoch: int) -> Iterator[tuple[str, dict | SampleError, Path]]:
+    """All records of one epoch in their (shuffled) order: the same on every rank."""
     def raw():
-        n = 0
         for f in spec.files:
             base = image_base(f, spec.image_dir)
             for source, record in iter_records(f):
-                if n % spec.world_size == spec.rank:
-                    yield source, record, base
-                n += 1
+                yield source, record, base
 
+    records = raw() if spec.max_records is None else itertools.islice(raw(), spec.max_records)
     if spec.shuffle_buffer <= 1:
-        yield from raw()
+        yield from records
         return
-    rng = random.Random(f"{spec.seed}:{epoch}:{spec.rank}")
+    rng = random.Random(f"{spec.seed}:{epoch}")
     buffer = []
-    for item in raw():
+    for item in records:
         if len(buffer) < spec.shuffle_buffer:
             buffer.append(item)
             continue
@@ -77,24 +77,30 @@ def rank_records(spec: StreamSpec, epoch: int) -> Iterator[tuple[str, dict | Sam
     yield from buffer
 
 
-def record_batches(spec: StreamSpec) -> Iterator[tuple[int, int, list]]:
-    """(batch index, epoch, records) for this rank; batch indices count across epochs."""
-    b = 0
+def global_records(spec: StreamSpec) -> Iterator[tuple[int, tuple]]:
+    """(epoch, record) over all epochs, back to back."""
     for epoch in itertools.count() if spec.epochs is None else range(spec.epochs):
-        chunk = []
         empty = True
-        for rec in rank_records(spec, epoch):
+        for record in epoch_records(spec, epoch):
             empty = False
-            chunk.append(rec)
-            if len(chunk) == spec.batch_size:
-                yield b, epoch, chunk
-                b += 1
-                chunk = []
-        if chunk:
-            yield b, epoch, chunk
-            b += 1
+            yield epoch, record
         if empty:
-            return  # no data for this rank at all: stop instead of looping forever
+            return  # no data at all: stop instead of looping forever
+
+
+def record_batches(spec: StreamSpec, start_record: int = 0) -> Iterator[tuple[int, int, int, list]]:
+    """(k, epoch, position, this rank's records) for global micro-batch k counted from `start_record`;
+    `position` is the number of records consumed once this global batch is done (the resume point)."""
+    size = spec.batch_size * spec.world_size
+    mine = slice(spec.rank * spec.batch_size, (spec.rank + 1) * spec.batch_size)
+    stream = itertools.islice(global_records(spec), start_record, None)
+    for k in itertools.count():
+        chunk = list(itertools.islice(stream, size))
+        if not chunk:
+            return
+        records = chunk[mine]
+        if records:  # the short last batch of a finite stream may leave nothing for this rank
+            yield k, records[0][0], start_record + k * size + len(chunk), [r for _, r in records]
 
 
 def load_sample(source: str, record, base: Path, fmt: str) -> tuple[Sample, list]:
@@ -105,19 +111,21 @@ def load_sample(source: str, record, base: Path, fmt: str) -> tuple[Sample, list
 
 
 class BatchStream(IterableDataset):
-    """Yields dicts: {"index", "epoch", "batch" (collated, or None if every record was bad),
-    "samples", "tokens", "truncated", "skipped": [(source, reason)], "error": (source, reason) | None}."""
+    """Yields dicts: {"index" (global micro-batch since start_record), "epoch", "position" (records consumed
+    after it, over all ranks), "batch" (collated, or None if every record was bad), "samples", "tokens",
+    "truncated", "skipped": [(source, reason)], "error": (source, reason) | None}."""
 
-    def __init__(self, spec: StreamSpec, processor, start_batch: int = 0):
-        self.spec, self.processor, self.start_batch = spec, processor, start_batch
+    def __init__(self, spec: StreamSpec, processor, start_record: int = 0):
+        self.spec, self.processor, self.start_record = spec, processor, start_record
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for b, epoch, records in record_batches(self.spec):
-            if b < self.start_batch or (b - self.start_batch) % n_workers != worker:
+        for k, epoch, position, records in record_batches(self.spec, self.start_record):
+            if k % n_workers != worker:
                 continue
-            out = self._encode_batch(b, epoch, records)
+            out = self._encode_batch(k, epoch, records)
+            out["position"] = position
             yield out
             if out["error"]:
                 return
@@ -141,9 +149,9 @@ class BatchStream(IterableDataset):
                 "truncated": truncated, "skipped": skipped, "error": None}
 
 
-def make_loader(spec: StreamSpec, processor, start_batch: int = 0, num_workers: int = 0):
+def make_loader(spec: StreamSpec, processor, start_record: int = 0, num_workers: int = 0):
     """A DataLoader over whole batches (the dataset collates; the loader only moves them)."""
     return torch.utils.data.DataLoader(
-        BatchStream(spec, processor, start_batch), batch_size=None, num_workers=num_workers,
+        BatchStream(spec, processor, start_record), batch_size=None, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
     )

@@ -23,6 +23,8 @@ COMPONENTS = {
 # Default LoRA targets (module-name leaves) inside each component, as LLaMA-Factory/ms-swift "all-linear".
 # The output head stays in full precision under QLoRA (as transformers' bitsandbytes integration does).
 OUTPUT_LAYER = "lm_head"
+# The module whose output the image features are written into (see blank_image_features).
+TOKEN_EMBEDDING = "model.language_model.embed_tokens"
 LORA_TARGETS = {
     "vision": ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
     "projector": ["proj", "gate_proj", "up_proj", "down_proj"],
@@ -82,6 +84,16 @@ def load_processor(path: str | Path) -> Glm41vProcessor:
 def generation_eos(model) -> list[int]:
     eos = model.config.text_config.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def blank_image_features(model) -> torch.Tensor:
+    """The vision tower and merger on the smallest blank image (one merged token): DeepSpeed runs it for
+    text-only batches too (see distributed.py)."""
+    v, tower = model.config.vision_config, model.model.visual
+    m = v.spatial_merge_size
+    weight = next(tower.parameters())
+    pixels = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2, dtype=weight.dtype)
+    return tower(pixels, grid_thw=torch.tensor([[1, m, m]])).pooler_output
 
 
 def build_model(path: str | Path, meta: bool = False):

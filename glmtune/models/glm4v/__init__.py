@@ -24,6 +24,8 @@ COMPONENTS = {
 }
 # The output head stays in full precision under QLoRA (as transformers' bitsandbytes integration does).
 OUTPUT_LAYER = "transformer.output_layer"
+# The module whose output the image features are written into (see blank_image_features).
+TOKEN_EMBEDDING = "transformer.embedding"
 LORA_TARGETS = {
     "vision": ["attention.query_key_value", "attention.dense", "mlp.fc1", "mlp.fc2"],
     "projector": ["linear_proj", "dense_h_to_4h", "gate_proj", "dense_4h_to_h"],
@@ -57,6 +59,13 @@ def add_prefix(model, num_virtual_tokens: int, projection: bool) -> None:
 
 def generation_eos(model) -> list[int]:
     return list(model.config.eos_token_id)
+
+
+def blank_image_features(model) -> torch.Tensor:
+    """The vision tower on one blank image: DeepSpeed runs it for text-only batches too (see distributed.py)."""
+    tower, size = model.transformer.vision, model.config.vision_config.image_size
+    weight = next(tower.parameters())
+    return tower(torch.zeros(1, model.config.vision_config.in_channels, size, size, dtype=weight.dtype))
 
 
 def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:

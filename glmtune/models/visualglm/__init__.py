@@ -27,6 +27,8 @@ LORA_TARGETS = {
 }
 # lm_head is tied to the word embeddings; it stays in full precision under QLoRA.
 OUTPUT_LAYER = "lm_head"
+# The module whose output the image features are written into (see blank_image_features).
+TOKEN_EMBEDDING = "transformer.word_embeddings"
 
 
 def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGeneration:
@@ -46,6 +48,13 @@ def load_processor(path: str | Path) -> ChatGLMProcessor:
 
 def generation_eos(model) -> list[int]:
     return [model.config.eos_token_id]
+
+
+def blank_image_features(model) -> torch.Tensor:
+    """BLIP-2 on one blank image: DeepSpeed runs it for text-only batches too (see distributed.py)."""
+    eva = model.config.eva_config
+    weight = next(model.image_encoder.parameters())
+    return model.image_encoder(torch.zeros(1, eva.in_channels, *eva.image_size, dtype=weight.dtype))
 
 
 def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:

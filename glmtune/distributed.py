@@ -1,0 +1,201 @@
+"""Several processes: the accelerate / DeepSpeed setup of a recipe, and the few collectives the loop needs.
+
+`train.distributed` (or `train.deepspeed=PATH`) picks the engine; DeepSpeed configs live in configs/deepspeed/
+with "auto" values that are filled from the recipe here, so one recipe runs unchanged on 1..N processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from glmtune.config import Recipe, RecipeError
+
+IMAGE_KEYS = ("pixel_values", "images")  # model inputs that carry images, per family
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def launcher_deepspeed(recipe: Recipe) -> Path | None:
+    """The DeepSpeed config file that `accelerate launch` announced to this process, or None.
+
+    accelerate's DeepSpeed launch (`distributed_type: DEEPSPEED`, `--use_deepspeed`) tells every process through
+    its environment: ACCELERATE_USE_DEEPSPEED=true with ACCELERATE_DEEPSPEED_CONFIG_FILE, or only a ZeRO stage
+    (ACCELERATE_DEEPSPEED_ZERO_STAGE, ACCELERATE_DEEPSPEED_OFFLOAD_*_DEVICE), which maps to configs/deepspeed/.
+    A recipe with train.distributed=auto and no train.deepspeed takes that config; a recipe naming another engine
+    is a RecipeError naming both. (Accelerator sets ACCELERATE_USE_DEEPSPEED in its own process too, so that flag
+    without any of the launcher's other variables is no announcement.)
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    file = None if file.lower() in ("", "none") else file
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if file is None and stage is None and "ACCELERATE_CONFIG_DS_FIELDS" not in env:
+        return None
+    repo = DEEPSPEED_CONFIGS.parent.parent
+    if file is not None:
+        said = f"ACCELERATE_DEEPSPEED_CONFIG_FILE={file}"
+        path = Path(file)
+        if not path.is_absolute() and not path.exists():  # accelerate configs name the repository's configs/
+            path = repo / file
+        if not path.is_file():
+            raise RecipeError(f"accelerate launch set {said}: file not found (relative paths are read from the "
+                              f"current folder, then from {repo})")
+    else:
+        keys = [f"ACCELERATE_DEEPSPEED_{x}" for x in ("ZERO_STAGE", "OFFLOAD_OPTIMIZER_DEVICE", "OFFLOAD_PARAM_DEVICE")]
+        said = ", ".join(f"{k}={env[k]}" for k in keys if k in env) or "ACCELERATE_USE_DEEPSPEED=true"
+        devices = {env.get(k, "none").lower() for k in keys[1:]}
+        offload = devices.pop() if len(devices) == 1 else "mixed"
+        name = {("2", "none"): "zero2", ("3", "none"): "zero3", ("3", "cpu"): "zero3_offload"}.get(
+            (stage or "2", offload))  # stage 2 is accelerate's default
+        if name is None:
+            raise RecipeError(f"accelerate launch set {said}: glmtune has configs for ZeRO-2, ZeRO-3 and ZeRO-3 "
+                              f"with CPU offload of optimizer and weights; for another setup give accelerate a "
+                              f"deepspeed_config_file (see configs/accelerate/zero2.yaml)")
+        path = DEEPSPEED_CONFIGS / f"{name}.json"
+    t = recipe.train
+    if t.deepspeed is None and t.distributed == "auto":
+        return path
+    if t.deepspeed is not None:
+        wanted = Path(t.deepspeed)
+    else:
+        wanted = None if t.distributed == "ddp" else DEEPSPEED_CONFIGS / f"{t.distributed}.json"
+    if wanted is not None and wanted.resolve() == path.resolve():
+        return path
+    ours = path.resolve().parent == DEEPSPEED_CONFIGS
+    engine = f"DeepSpeed {path.stem}" if ours else f"DeepSpeed with {path}"
+    asked = f"train.deepspeed={t.deepspeed}" if t.deepspeed is not None else f"train.distributed={t.distributed}"
+    fix = (f"configs/accelerate/{t.distributed}.yaml" if t.deepspeed is None
+           else f"an accelerate config whose deepspeed_config_file is {t.deepspeed}")
+    raise RecipeError(f"{asked}, but the launcher runs {engine} (accelerate launch set {said}); one job runs one "
+                      f"engine: leave train.distributed=auto and train.deepspeed unset to take the launcher's, or "
+                      f"launch with {fix}")
+
+
+def deepspeed_config(recipe: Recipe) -> dict | None:
+    """The DeepSpeed config of the recipe with its "auto" values filled from the recipe; None for DDP. With
+    train.distributed=auto, the config `accelerate launch` announced (launcher_deepspeed), if any."""
+    t = recipe.train
+    announced = launcher_deepspeed(recipe)
+    if announced is None and t.deepspeed is None and t.distributed in ("auto", "ddp"):
+        return None
+    path = announced or (Path(t.deepspeed) if t.deepspeed else DEEPSPEED_CONFIGS / f"{t.distributed}.json")
+    cfg = json.loads(path.read_text())
+    fills = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+             "gradient_clipping": t.max_grad_norm}
+    for key, value in fills.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    for key, enabled in (("bf16", t.mixed_precision == "bf16"), ("fp16", t.mixed_precision == "fp16")):
+        if cfg.get(key, {}).get("enabled") == "auto":
+            cfg[key]["enabled"] = enabled
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_accelerator(recipe: Recipe, load_universal: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ds = deepspeed_config(recipe)
+    if ds is not None and load_universal:  # resuming a ZeRO checkpoint under a new process count
+        ds["checkpoint"] = {"load_universal": True}
+    if ds is not None and "RANK" not in os.environ:
+        # a plain `glmtune train` (no launcher) under DeepSpeed, e.g. ZeRO-offload on one GPU: a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    if ds is not None:  # DeepSpeed picks its own accelerator; CPU processes talk over gloo
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers,
+                           mixed_precision=recipe.train.mixed_precision,
+                           gradient_accumulation_steps=recipe.train.grad_accum)
+    # Without a GPU, accelerate only treats a torchrun/accelerate-launched job as multi-process (DDP over
+    # gloo) when told `cpu=True`; otherwise every process would silently train alone.
+    cpu = not torch.cuda.is_available()
+    # a text-only micro-batch leaves the vision tower's trainable parameters without gradients
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, kwargs_handlers=handlers,
+                       gradient_accumulation_steps=recipe.train.grad_accum)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum across processes (a no-op in one process). torch.distributed directly: accelerate's `reduce`
+    leaves CPU (gloo) tensors unreduced."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def deepspeed_resume_dir(ckpt: Path, accelerator, saved_world: int) -> Path:
+    """The DeepSpeed state to resume from. ZeRO partitions the optimizer state by process, so after a change of
+    process count DeepSpeed needs its "universal" form (one file per parameter); the main process converts the
+    checkpoint once, with DeepSpeed's own converter, into CKPT/deepspeed_universal."""
+    if saved_world == accelerator.num_processes:
+        return ckpt / "deepspeed"
+    universal = ckpt / "deepspeed_universal"
+    if accelerator.is_main_process and not universal.is_dir():
+        import argparse
+        import contextlib
+        import io
+        import shutil
+
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        tmp = universal.with_name(universal.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(ckpt / "deepspeed" / "state"), output_folder=str(tmp / "state"),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # glmtune saves no Megatron-style layout info
+        with contextlib.redirect_stdout(io.StringIO()):
+            to_universal(args)
+        os.replace(tmp, universal)
+    accelerator.wait_for_everyone()
+    return universal
+
+
+def run_vision_on_every_batch(model, family, zero_stage: int) -> bool:
+    """Make a text-only batch run the vision tower too (on one blank image, adding exactly 0 to the token
+    embeddings), right where an image batch runs it: after the word embeddings. DeepSpeed needs every process
+    to run the same modules in the same order: ZeRO-3 gathers each module's weights collectively in forward
+    and backward, and ZeRO-2 reduces the gradients of trainable tower weights in buckets, so a process with a
+    text-only batch beside one with images would wait forever (a known failure of other tools).
+    Needed under ZeRO-3, and under ZeRO-2 when the tower has trainable weights; returns whether it applies."""
+    blank = getattr(family, "blank_image_features", None)  # text-only families have no tower
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if blank is None:
+        return False
+    tower = base.get_submodule(family.COMPONENTS["vision"][0])
+    if zero_stage < 3 and not any(p.requires_grad for p in tower.parameters()):
+        return False
+    has_images = [True]
+
+    def note_images(module, args, kwargs):
+        has_images[0] = any(kwargs.get(k) is not None for k in IMAGE_KEYS)
+
+    def add_blank_image(module, args, output):
+        if not has_images[0]:
+            return output + blank(base).sum().to(output.dtype) * 0
+
+    # The blank image's features join the embeddings at the module where image features are written in, so
+    # that forward and backward visit the modules in the same order as for an image batch (ZeRO-3 checks).
+    model.register_forward_pre_hook(note_images, with_kwargs=True)  # the outermost module: PEFT calls the
+    base.get_submodule(family.TOKEN_EMBEDDING).register_forward_hook(add_blank_image)  # base's forward() directly
+    return True
