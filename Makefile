@@ -15,3 +15,4 @@ bench: install
 	python bench/bench_train.py --out bench/results/train.json
 	python bench/bench_methods.py --out bench/results/methods.json
 	python bench/bench_loading.py --out bench/results/loading.json
+	python bench/bench_distributed.py --out bench/results/distributed.json

@@ -199,3 +199,32 @@ def run_vision_on_every_batch(model, family, zero_stage: int) -> bool:
     model.register_forward_pre_hook(note_images, with_kwargs=True)  # the outermost module: PEFT calls the
     base.get_submodule(family.TOKEN_EMBEDDING).register_forward_hook(add_blank_image)  # base's forward() directly
     return True
+
+
+def memory_per_rank(model, optimizer) -> list[dict]:
+    """What each process holds for training, gathered from all ranks (a collective): bytes of its parameters
+    (under ZeRO-3 its partition), of its optimizer state (Adam moments, plus DeepSpeed's fp32 master copy of
+    its partition), and its peak resident memory. It measures the partitioning instead of assuming it."""
+    import resource
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    held = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3: this rank's partition
+    params = sum(nbytes(t) for t in held)
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's AdamW
+        inner = inner.optimizer
+    moments = sum(nbytes(t) for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+    # the tensors AdamW steps, if they are not the weights themselves: DeepSpeed's fp32 master partitions (ZeRO-3
+    # swaps them into param_groups only during its step; the state is keyed by them)
+    weights = {t.untyped_storage().data_ptr() for t in held}
+    stepped = {id(p): p for p in [*inner.state, *(p for g in inner.param_groups for p in g["params"])]}
+    masters = sum(nbytes(p) for p in stepped.values() if p.untyped_storage().data_ptr() not in weights)
+    mine = {"param_bytes": params, "optimizer_bytes": moments + masters,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [dict(rank=0, **mine)]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return [dict(rank=r, **m) for r, m in enumerate(everyone)]

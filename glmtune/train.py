@@ -27,6 +27,7 @@ from glmtune.distributed import (
     all_reduce_sum,
     deepspeed_resume_dir,
     make_accelerator,
+    memory_per_rank,
     run_vision_on_every_batch,
     uses_deepspeed,
 )
@@ -261,6 +262,7 @@ def train(recipe: Recipe) -> dict:
         last_eval = eval_loss(model, processor, val_spec)
         logger.log(step, {"loss": last_eval["loss"]}, split="eval")
     checkpoint("checkpoint-final", None)
+    memory = memory_per_rank(model, optimizer)
     logger.close()
     totals = stats.totals(prior)
     summary = {
@@ -270,8 +272,8 @@ def train(recipe: Recipe) -> dict:
         "eval": last_eval, "samples_seen": totals["samples"], "tokens_seen": totals["tokens"],
         "truncated_samples": totals["truncated"], "skipped_samples": len(totals["skipped"]),
         "skipped": [{"source": s, "reason": r} for s, r in totals["skipped"][:1000]],
-        "wall_time_s": round(time.time() - started, 2), "checkpoint": str(out / "checkpoint-final"),
-        "output_dir": str(out),
+        "wall_time_s": round(time.time() - started, 2), "memory_per_rank": memory,
+        "checkpoint": str(out / "checkpoint-final"), "output_dir": str(out),
     }
     if main:
         write_summary(out, summary)

@@ -154,6 +154,18 @@ def test_two_processes_equal_one_process_with_the_global_batch(job, single):
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["records"] == 2 * 2 * 4 and state["world_size"] == 2
 
+    # What each rank holds, measured. DDP replicates everything. ZeRO-2 partitions the optimizer state: Adam's
+    # two moments and DeepSpeed's fp32 master copy, each halved (1.5 / 2 of one process's two moments). ZeRO-3
+    # partitions the weights too (here its fp32 master is a copy as well; DeepSpeed may alias it on a GPU).
+    alone = json.loads((reference / "summary.json").read_text())["memory_per_rank"][0]
+    ranks = summary["memory_per_rank"]
+    assert [m["rank"] for m in ranks] == [0, 1]
+    expect = {"ddp": (1.0, 1.0), "zero2": (1.0, 0.75), "zero3": (0.5, 0.75), "zero3_offload": (0.5, 0.75)}
+    params, optimizer = expect[job["engine"]]
+    for m in ranks:
+        assert m["param_bytes"] == pytest.approx(params * alone["param_bytes"], rel=0.05)
+        assert m["optimizer_bytes"] == pytest.approx(optimizer * alone["optimizer_bytes"], rel=0.05)
+
     # the adapter saved by the 2-process job loads in one process and gives the single run's logits
     from glmtune.chat import load_for_inference
     from glmtune.data.sample import Turn
@@ -207,6 +219,35 @@ def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tm
     assert summary["samples_seen"] == STEPS * 2 * 4 and summary["resumed_from"].endswith("checkpoint-2")
 
 
+@pytest.mark.parametrize("engine", ["zero3"])
+def test_full_weights_under_zero(engine, tiny_glm4v, shapes_data, tmp_path):
+    """adapter.method=none with the projector trained in full: under ZeRO-3 the checkpoint's full weights are
+    gathered from the partitions into the official names, equal to one process's; a resume reproduces them."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return overrides("glm4v", tiny_glm4v, shapes_data, out, "adapter.method=none",
+                         "adapter.components.language=frozen", "adapter.components.projector=full", *extra)
+
+    r = launch(2, "glm4v/lora.yaml", args(tmp_path / "two", f"train.distributed={engine}"),
+               "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = one_process("glm4v/lora.yaml", args(tmp_path / "one", "train.batch_size=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    a = load_file(str(tmp_path / "one" / "checkpoint-final" / "full_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint-final" / "full_weights.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("transformer.vision.linear_proj.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    r = launch(2, "glm4v/lora.yaml", args(tmp_path / "resumed", f"train.distributed={engine}", "train.resume=auto"),
+               "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = load_file(str(tmp_path / "resumed" / "checkpoint-final" / "full_weights.safetensors"))
+    for k in b:
+        torch.testing.assert_close(b[k], c[k], rtol=0, atol=1e-6, msg=k)
+
+
 @pytest.fixture(scope="module")
 def mixed_data(shapes_data, tmp_path_factory) -> Path:
     """Image and text-only records alternating: at batch 1 on two processes, rank 0 gets only images and
@@ -230,8 +271,12 @@ def test_text_only_and_image_batches_on_different_ranks(family, engine, request,
     recipe, model_fixture, _, _ = FAMILIES[family]
     model, data = request.getfixturevalue(model_fixture), request.getfixturevalue("shapes_data")
 
+    # one validation record: the second process has none to evaluate but must run as many forwards as the first
+    val1 = tmp_path / "val1.jsonl"
+    val1.write_text(mixed_data.read_text().splitlines()[0] + "\n")
+
     def args(out: Path, *extra: str) -> list[str]:
-        return overrides(family, model, data, out, f"data.train={mixed_data}", "data.val=null",
+        return overrides(family, model, data, out, f"data.train={mixed_data}", f"data.val={val1}",
                          "data.shuffle_buffer=0", "train.grad_accum=1", "train.save_every=0",
                          "adapter.components.vision=lora", *extra)
 
@@ -240,7 +285,8 @@ def test_text_only_and_image_batches_on_different_ranks(family, engine, request,
     assert r.returncode == 0, r.stderr[-3000:]
     r = one_process(recipe, args(tmp_path / "one", "train.batch_size=2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    assert_same_curve(tmp_path / "one", tmp_path / "two")  # train and eval
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["eval"]["samples"] == 1
     adapter = load_file(str(tmp_path / "two" / "checkpoint-final" / "adapter_model.safetensors"))
     vision_lora = [k for k in adapter if ("vision" in k or "image_encoder" in k or "visual" in k) and "lora_B" in k]
     assert vision_lora and any(adapter[k].abs().max() > 0 for k in vision_lora)  # the tower's LoRA trained
@@ -250,16 +296,40 @@ def test_text_only_and_image_batches_on_different_ranks(family, engine, request,
 
 
 def test_two_nodes_on_loopback(tiny_glm4v, shapes_data, tmp_path):
+    """Two launcher invocations with --nnodes 2 form one job; only the global rank 0 logs (wandb included)."""
     port = free_port()
-    args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run", "train.max_steps=2", "train.save_every=0")
+    args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run", "train.max_steps=2", "train.save_every=0",
+                     "log.report_to=[jsonl,wandb]")
+    wandb_env = dict(env(), WANDB_MODE="offline", WANDB_SILENT="true")
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch.sh"), "1", str(ROOT / "recipes/glm4v/lora.yaml"),
                                "--nnodes", "2", "--node-rank", str(rank), "--master", f"127.0.0.1:{port}", *args],
-                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=wandb_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     results = [p.communicate(timeout=600) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert (tmp_path / "run" / "checkpoint-final" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["samples_seen"] == 2 * 2 * 4
+    assert [out.count("train: 2 steps") for out, _ in results] == [1, 0]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2 + 1  # 2 steps + final eval
+
+
+def test_an_error_on_one_rank_stops_every_rank(tiny_glm4v, shapes_data, tmp_path):
+    """A bad record read by rank 1 only (on_bad_sample=error): that process stops with the one-line error
+    naming the file and line, and the launcher stops the other one instead of leaving it waiting."""
+    lines = (shapes_data / "train.jsonl").read_text().splitlines()
+    lines = [x.replace('"images/', f'"{shapes_data}/images/') for x in lines]
+    # global micro-batch 1 = records 4..7 (2 processes x batch 2): rank 0 takes 4, 5 and rank 1 takes 6, 7
+    lines[6] = '{"messages": [{"role": "user", "content": "broken"'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run", f"data.train={bad}",
+                     "data.on_bad_sample=error", "train.grad_accum=1", "data.shuffle_buffer=0")
+    r = launch(2, "glm4v/lora.yaml", args, "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode != 0
+    assert f"glmtune train: error: {bad}:7: invalid JSON" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("glmtune train: error:") == 1  # rank 0 never read it
+    assert not (tmp_path / "run" / "checkpoint-final").exists()
 
 
 @pytest.mark.parametrize("written,resumed", [("ddp", "zero2"), ("zero2", "ddp")])
