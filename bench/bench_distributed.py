@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report  # bench/report.py (scripts run from bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
 MID = {"hidden_size": 1024, "num_layers": 8, "num_hidden_layers": 8, "num_attention_heads": 16, "kv_channels": 64,
        "multi_query_group_num": 2, "ffn_hidden_size": 2816}
@@ -102,11 +104,7 @@ def main() -> int:
               "training": "full (adapter.method=none), fp32, AdamW, batch 2 x 64 tokens per rank",
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "backend": "gloo (CPU)"}, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return 0
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

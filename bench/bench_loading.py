@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import write_report  # bench/report.py (scripts run from bench/)
+
 MID = {"hidden_size": 2048, "num_layers": 12, "num_hidden_layers": 12, "num_attention_heads": 16, "kv_channels": 128,
        "multi_query_group_num": 2, "ffn_hidden_size": 5632, "padded_vocab_size": 16384}
 
@@ -71,11 +73,7 @@ def main() -> int:
         "peak_minus_baseline_minus_model_over_largest_shard": round(
             (loaded["peak_rss_bytes"] - baseline["peak_rss_bytes"] - loaded["model_bytes"]) / largest, 3),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return 0
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

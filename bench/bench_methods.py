@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_report  # bench/report.py (scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parent.parent
 MID = {"hidden_size": 1024, "num_layers": 8, "num_hidden_layers": 8, "num_attention_heads": 16, "kv_channels": 64,
@@ -106,11 +107,7 @@ def main() -> int:
         results = [run(m, Path(tmp), args.steps) for m in ("none", "lora", "dora", "qlora", "ptuning")]
     report = {"config": MID, "batch": [2, 256], "machine": {"python": platform.python_version(),
               "torch": torch.__version__, "threads": torch.get_num_threads()}, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return 0
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

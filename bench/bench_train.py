@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_report  # bench/report.py (scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -78,11 +79,7 @@ def main() -> int:
                                                                 "adapter.components.language=frozen"]),
             ],
         }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return 0
+    return write_report(result, args.out)
 
 
 if __name__ == "__main__":
