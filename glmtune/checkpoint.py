@@ -4,7 +4,8 @@ OUTPUT/checkpoint-STEP/ (and checkpoint-final/) hold
   adapter_config.json + adapter_model.safetensors   (or full_weights.safetensors for method none)
   recipe.yaml              the resolved recipe: eval / merge / chat find the base model and family here
   trainer_state.json       step, data position (records consumed over all ranks), process count, counters
-  optimizer.pt, scheduler.pt, rng.safetensors   exact resume (loaded with weights_only=True)
+  optimizer.pt, scheduler.pt   exact resume (loaded with weights_only=True); randomness needs no state: the loop
+                           seeds each step from (seed, step, rank)
   deepspeed/               under DeepSpeed ZeRO instead of optimizer.pt: the engine's partitioned state
 A checkpoint is written to a temporary folder and renamed when complete, so a killed run never leaves a
 half-written checkpoint that `resume: auto` would pick up.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -42,7 +42,6 @@ def numbered_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(out: Path, model, optimizer, scheduler, recipe: Recipe, state: dict, keep_last: int | None,
                     state_dict: dict | None = None):
     """Write one checkpoint atomically; then prune numbered checkpoints beyond `keep_last`."""
-    from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + ".tmp")  # the caller starts it empty (DeepSpeed ranks may have written into it)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -51,8 +50,6 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, recipe: Recipe, stat
     if optimizer is not None:  # under DeepSpeed its state is in tmp/deepspeed, one part per rank
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    state = dict(state, python_random=list(random.getstate()[1]))
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -83,7 +80,7 @@ def saved_world_size(ckpt: Path) -> int:
 
 
 def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return trainer_state.json."""
+    """Restore adapter weights, optimizer and scheduler; return trainer_state.json."""
     from safetensors.torch import load_file
 
     if method in FULL_STATE_METHODS:
@@ -101,12 +98,10 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
     if (ckpt / "optimizer.pt").is_file():  # else a DeepSpeed checkpoint: the engine restores it after prepare
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
     state = json.loads((ckpt / STATE).read_text())
     if "records" not in state:
         raise CheckpointError(f"{ckpt / STATE} has no data position ('records'): it was written by an older glmtune "
                               f"whose stream positions were per rank; start a new train.output_dir")
-    random.setstate((3, tuple(state.pop("python_random")), None))
     return state
 
 

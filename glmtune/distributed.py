@@ -129,6 +129,15 @@ def make_accelerator(recipe: Recipe, load_universal: bool = False):
                        gradient_accumulation_steps=recipe.train.grad_accum)
 
 
+def all_gather(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum across processes (a no-op in one process). torch.distributed directly: accelerate's `reduce`
     leaves CPU (gloo) tensors unreduced."""
@@ -223,8 +232,4 @@ def memory_per_rank(model, optimizer) -> list[dict]:
     masters = sum(nbytes(p) for p in stepped.values() if p.untyped_storage().data_ptr() not in weights)
     mine = {"param_bytes": params, "optimizer_bytes": moments + masters,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [dict(rank=0, **mine)]
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return [dict(rank=r, **m) for r, m in enumerate(everyone)]
+    return [dict(rank=r, **m) for r, m in enumerate(all_gather(mine))]

@@ -24,6 +24,7 @@ from glmtune.config import CheckpointError, Recipe, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, make_loader
 from glmtune.distributed import (
+    all_gather,
     all_reduce_sum,
     deepspeed_resume_dir,
     make_accelerator,
@@ -47,10 +48,7 @@ class DataStats:
     def totals(self, prior: dict) -> dict:
         """This job's counters over all processes, plus those of the run it resumed (`prior`)."""
         samples, tokens, truncated = all_reduce_sum([self.samples, self.tokens, self.truncated])
-        skipped = [self.skipped]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            skipped = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(skipped, self.skipped)
+        skipped = all_gather(self.skipped)
         return {"samples": prior["samples"] + int(samples), "tokens": prior["tokens"] + int(tokens),
                 "truncated": prior["truncated"] + int(truncated),
                 "skipped": list(prior["skipped"]) + [s for rank in skipped for s in rank]}
@@ -211,6 +209,9 @@ def train(recipe: Recipe) -> dict:
     step, last_good = state["step"], None
     while step < t.max_steps:
         tic = time.time()
+        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run draws exactly what the
+        # uninterrupted one did, whatever else consumed randomness before (loaders, evals), with no saved state.
+        torch.manual_seed(t.seed + 1_000_003 * (step + 1) + 7_919 * rank)
         micro = []  # (batch, weight): every rank runs grad_accum backward passes, or DDP would wait forever
         for _ in range(t.grad_accum):
             item = next(batches)

@@ -195,6 +195,22 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["samples_seen"] == STEPS * 2 * 4
 
 
+def test_resume_with_dropout_restores_every_ranks_random_state(tiny_glm4v, shapes_data, tmp_path):
+    """With dropout, a 2-process resume reproduces the run exactly (each step's randomness is seeded by seed,
+    step and rank; the ranks draw different amounts, and loaders and evals draw some too)."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return overrides("glm4v", tiny_glm4v, shapes_data, out, "adapter.dropout=0.3", "train.eval_every=1", *extra)
+
+    r = launch(2, "glm4v/lora.yaml", args(tmp_path / "run"), "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    r = launch(2, "glm4v/lora.yaml", args(tmp_path / "resumed", "train.resume=auto"),
+               "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_adapter(tmp_path / "run" / "checkpoint-final", tmp_path / "resumed" / "checkpoint-final", atol=1e-6)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tmp_path_factory):
     """A 2-process checkpoint resumed by one process with the same global batch: the data position is

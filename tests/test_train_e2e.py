@@ -24,7 +24,7 @@ def recipe_for(model: Path, data: Path, out: Path, *extra: str):
     return load_recipe(RECIPE, [
         f"model.path={model}", f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
         f"train.output_dir={out}", "log.progress_bar=false", "train.batch_size=4", "data.shuffle_buffer=16",
-        "train.resume=never", *extra,
+        "train.resume=never", "adapter.dropout=0.1", *extra,  # dropout: resume must reproduce its draws too
     ])
 
 
@@ -60,7 +60,7 @@ def test_training_learns_and_writes_its_layout(trained):
     assert len(evals) == 2 and evals[1] < 0.9 * evals[0]
     ckpt = out / "checkpoint-final"
     for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "trainer_state.json",
-                 "optimizer.pt", "scheduler.pt", "rng.safetensors"):
+                 "optimizer.pt", "scheduler.pt"):
         assert (ckpt / name).is_file(), name
     # keep_last=2 of checkpoints 4 and 8 (12 is the final one)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8", "checkpoint-final"]
