@@ -235,6 +235,20 @@ def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tm
     assert summary["samples_seen"] == STEPS * 2 * 4 and summary["resumed_from"].endswith("checkpoint-2")
 
 
+@pytest.mark.parametrize("recipe", ["glm4v/qlora.yaml", "glm4v/dora.yaml", "glm4v/ptuning.yaml"])
+def test_other_methods_under_zero3(recipe, tiny_glm4v, shapes_data, tmp_path):
+    """QLoRA (NF4 base), DoRA and P-tuning v2 recipes run unchanged under ZeRO-3 and equal one process."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return overrides("glm4v", tiny_glm4v, shapes_data, out, "adapter.num_virtual_tokens=4", "train.save_every=0",
+                         *extra)
+
+    r = launch(2, recipe, args(tmp_path / "two", "train.distributed=zero3"), "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = one_process(recipe, args(tmp_path / "one", "train.batch_size=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize("engine", ["zero3"])
 def test_full_weights_under_zero(engine, tiny_glm4v, shapes_data, tmp_path):
     """adapter.method=none with the projector trained in full: under ZeRO-3 the checkpoint's full weights are
