@@ -8,9 +8,10 @@ layout (the tiny tokenizer of `glmtune make-tiny glm4`, mid-size config and weig
 (adapter.method=none, fp32, AdamW) for 2 steps by `launch.sh 2` (torchrun, gloo on a CPU machine) under each
 engine. Each rank reports (summary.json "memory_per_rank", glmtune/distributed.py) the bytes of the parameters
 it holds (its partition under ZeRO-3), of its optimizer state (Adam moments plus DeepSpeed's fp32 master copy
-of its partition) and its peak resident memory. Expected: DDP holds everything on every rank; ZeRO-2 halves
-the optimizer state; ZeRO-3 halves the parameters too. Peak RSS includes loading the full checkpoint on every
-rank before DeepSpeed partitions it.
+of its partition) and its peak resident memory after loading and at the end. Expected: DDP holds everything on
+every rank; ZeRO-2 halves the optimizer state; ZeRO-3 halves the parameters too (it loads partitioned). The
+final peak under ZeRO-3 includes DeepSpeed's cache of gathered weights (stage3_max_live_parameters: 1e9
+elements by default, more than this whole model).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def run(engine: str, model: Path, data: Path, out: Path) -> dict:
             "per_rank": [{"rank": m["rank"], "param_mib": round(m["param_bytes"] / mib, 1),
                           "optimizer_mib": round(m["optimizer_bytes"] / mib, 1),
                           "params_plus_optimizer_mib": round((m["param_bytes"] + m["optimizer_bytes"]) / mib, 1),
+                          "peak_rss_after_setup_mib": round(m["peak_rss_after_setup_bytes"] / mib, 1),
                           "peak_rss_mib": round(m["peak_rss_bytes"] / mib, 1)} for m in ranks]}
 
 

@@ -13,6 +13,7 @@ half-written checkpoint that `resume: auto` would pick up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,16 @@ def find_resume(recipe: Recipe) -> Path | None:
     return numbered[-1][1] if numbered else None
 
 
+def gathered(param):
+    """A ZeRO-3 partitioned parameter gathered whole for writing (a collective; every process loads the same
+    file in the same order), else nothing to do."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 def saved_world_size(ckpt: Path) -> int:
     """How many processes wrote the checkpoint."""
     return json.loads((ckpt / STATE).read_text()).get("world_size", 1)
@@ -87,7 +98,8 @@ def load_resume_state(ckpt: Path, model, optimizer, scheduler, method: str) -> d
         own = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in load_file(str(ckpt / FULL_WEIGHTS)).items():
-                own[name].copy_(tensor)
+                with gathered(own[name]):
+                    own[name].copy_(tensor)
     else:
         from peft import set_peft_model_state_dict
 

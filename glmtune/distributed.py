@@ -210,12 +210,17 @@ def run_vision_on_every_batch(model, family, zero_stage: int) -> bool:
     return True
 
 
-def memory_per_rank(model, optimizer) -> list[dict]:
-    """What each process holds for training, gathered from all ranks (a collective): bytes of its parameters
-    (under ZeRO-3 its partition), of its optimizer state (Adam moments, plus DeepSpeed's fp32 master copy of
-    its partition), and its peak resident memory. It measures the partitioning instead of assuming it."""
+def peak_rss_bytes() -> int:
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_per_rank(model, optimizer, peak_after_setup: int) -> list[dict]:
+    """What each process holds for training, gathered from all ranks (a collective): bytes of its parameters
+    (under ZeRO-3 its partition), of its optimizer state (Adam moments, plus DeepSpeed's fp32 master copy of
+    its partition), its peak resident memory once the model was loaded and prepared, and at the end. It
+    measures the partitioning instead of assuming it."""
     def nbytes(t) -> int:
         return t.numel() * t.element_size()
 
@@ -231,5 +236,16 @@ def memory_per_rank(model, optimizer) -> list[dict]:
     stepped = {id(p): p for p in [*inner.state, *(p for g in inner.param_groups for p in g["params"])]}
     masters = sum(nbytes(p) for p in stepped.values() if p.untyped_storage().data_ptr() not in weights)
     mine = {"param_bytes": params, "optimizer_bytes": moments + masters,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_after_setup_bytes": peak_after_setup, "peak_rss_bytes": peak_rss_bytes()}
     return [dict(rank=r, **m) for r, m in enumerate(all_gather(mine))]
+
+
+def gathered_trainable_state(model, main: bool) -> dict | None:
+    """Under ZeRO-3: the trainable weights, gathered from their partitions (a collective), as a copy keyed like
+    model.state_dict() on the main process (None elsewhere). Only what a checkpoint saves: gathering the whole
+    model (accelerate's get_state_dict) would put the frozen base in one process's memory at every save."""
+    import deepspeed
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {n: p.detach().clone() for n, p in named} if main else None

@@ -20,15 +20,17 @@ import torch.nn.functional as F
 
 from glmtune.adapters import attach
 from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint, saved_world_size
-from glmtune.config import CheckpointError, Recipe, to_dict
+from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, make_loader
 from glmtune.distributed import (
     all_gather,
     all_reduce_sum,
     deepspeed_resume_dir,
+    gathered_trainable_state,
     make_accelerator,
     memory_per_rank,
+    peak_rss_bytes,
     run_vision_on_every_batch,
     uses_deepspeed,
 )
@@ -129,6 +131,11 @@ def setup(recipe: Recipe):
     saved_world = saved_world_size(resume_from) if resume_from is not None else None
     world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = make_accelerator(recipe, load_universal=saved_world not in (None, world))
+    if recipe.adapter.method == "qlora" and uses_deepspeed(accelerator) and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise RecipeError("adapter.method=qlora under DeepSpeed ZeRO-3: the 4-bit base weights cannot be partitioned "
+                          "(DeepSpeed fails on them once they are large); use train.distributed=zero2 or ddp, the "
+                          "4-bit base is what makes the model fit")
     if resume_from is not None and (resume_from / "deepspeed").is_dir() != uses_deepspeed(accelerator):
         written = "under DeepSpeed" if (resume_from / "deepspeed").is_dir() else "without DeepSpeed"
         raise CheckpointError(f"{resume_from} was written {written}, so its optimizer state does not fit this run's "
@@ -169,6 +176,7 @@ def train(recipe: Recipe) -> dict:
     from glmtune.logging import MetricsLogger, write_summary
 
     accelerator, family, model, processor, optimizer, scheduler, state, resume_from = setup(recipe)
+    peak_after_setup = peak_rss_bytes()
     t, out = recipe.train, Path(recipe.train.output_dir)
     main = accelerator.is_main_process
     if main:
@@ -199,7 +207,7 @@ def train(recipe: Recipe) -> dict:
             model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
             accelerator.wait_for_everyone()
         # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
-        full_state = accelerator.get_state_dict(model) if zero3 else None
+        full_state = gathered_trainable_state(accelerator.unwrap_model(model), main) if zero3 else None
         if main:
             position = {"step": step, "records": state["records"], "world_size": world}
             save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
@@ -263,7 +271,7 @@ def train(recipe: Recipe) -> dict:
         last_eval = eval_loss(model, processor, val_spec)
         logger.log(step, {"loss": last_eval["loss"]}, split="eval")
     checkpoint("checkpoint-final", None)
-    memory = memory_per_rank(model, optimizer)
+    memory = memory_per_rank(model, optimizer, peak_after_setup)
     logger.close()
     totals = stats.totals(prior)
     summary = {

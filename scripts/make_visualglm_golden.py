@@ -742,6 +742,9 @@ mkdir -p /work/upstream/visualglm && cd /work/upstream/visualglm
 |---|---|
 {state_rows}
 
+P-tuning v2 goldens on these weights (`pre_seq_len` set, fixed prefix weights): `../visualglm_ptuning/`, made by
+`scripts/make_visualglm_ptuning_golden.py` after this script (it records this model.safetensors' sha256).
+
 ## golden.safetensors
 
 Images are `torch.randn` from `torch.Generator().manual_seed({args.seed + 1})` (already "normalized" pixels; the

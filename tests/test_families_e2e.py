@@ -42,6 +42,10 @@ CASES = {
     "visualglm/qlora.yaml": ("tiny_visualglm", "shapes_data", ["adapter.layers=[0,1]", "data.format=auto",
                                                                "train.lr=0.1"], 0.87),
     "chatglm/lora.yaml": ("tiny_chatglm", "text_data", [], 0.8),
+    # (their P-tuning recipes decay the rate linearly from step 1, as upstream: 16 steps need a larger one)
+    "visualglm/ptuning.yaml": ("tiny_visualglm", "shapes_data", ["adapter.num_virtual_tokens=8", "data.format=auto",
+                                                                 "train.lr=0.3"], 0.9),
+    "chatglm/ptuning.yaml": ("tiny_chatglm", "text_data", ["adapter.num_virtual_tokens=8", "train.lr=0.3"], 0.9),
 }
 
 

@@ -1,4 +1,4 @@
-"""Adapter methods x families: DoRA, rsLoRA, QLoRA (NF4 base, on CPU), P-tuning v2 (native GLM-4 families).
+"""Adapter methods x families: DoRA, rsLoRA, QLoRA (NF4 base, on CPU), P-tuning v2 (native families).
 
 For each: a tiny run whose loss falls (with an eval pass in the middle: on CPU a bitsandbytes eval
 forward must not break later training), a resume from the mid-run checkpoint that reproduces the final
@@ -22,11 +22,11 @@ from glmtune.data.sample import Turn
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = {"glm41v": ("tiny_glm41v", "glm41v/lora.yaml"), "glm4v": ("tiny_glm4v", "glm4v/lora.yaml"),
             "visualglm": ("tiny_visualglm", "visualglm/lora_all.yaml")}
-# P-tuning v2 exists for the native GLM-4 families only (see README)
+# P-tuning v2 exists for the native families (GLM-4V / GLM-4, VisualGLM-6B / ChatGLM-6B), not GLM-4.1V (see README)
 METHODS = {"dora": ["adapter.method=dora"], "rslora": ["adapter.rslora=true"], "qlora": ["adapter.method=qlora"],
            "ptuning": ["adapter.method=ptuning", "adapter.components.language=frozen",
                        "adapter.prefix_projection=true", "adapter.num_virtual_tokens=4"]}
-CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f != "glm4v" and m == "ptuning")]
+CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f == "glm41v" and m == "ptuning")]
 
 
 def recipe(model: Path, data: Path, out: Path, recipe_name: str, *extra: str):
@@ -57,9 +57,13 @@ def test_method_trains_resumes_and_merges(request, family, method, shapes_data, 
     weights = "full_weights.safetensors" if method == "ptuning" else "adapter_model.safetensors"
     if method == "ptuning":
         prefix = load_file(str(ckpt / weights))
-        cfg = json.loads((model_dir / "config.json").read_text())  # keys/values per layer, per KV group
-        width = cfg["num_layers"] * 2 * cfg["multi_query_group_num"] * cfg["kv_channels"]
+        cfg = json.loads((model_dir / "config.json").read_text())
+        if family == "visualglm":  # ChatGLM-6B's prefix_projection embeds the virtual tokens at hidden size
+            width = cfg["hidden_size"]
+        else:  # GLM-4's embeds them as the keys/values per layer, per KV group
+            width = cfg["num_layers"] * 2 * cfg["multi_query_group_num"] * cfg["kv_channels"]
         assert prefix["transformer.prefix_encoder.embedding.weight"].shape == (4, width)
+        assert {"transformer.prefix_encoder.trans.0.weight", "transformer.prefix_encoder.trans.2.weight"} <= set(prefix)
         assert all(k.startswith("transformer.prefix_encoder.") for k in prefix)
     else:
         adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
@@ -94,14 +98,24 @@ def test_method_trains_resumes_and_merges(request, family, method, shapes_data, 
         assert json.loads((merged / "config.json").read_text())["pre_seq_len"] == 4
 
 
+def next_positions(family: str, pos: torch.Tensor) -> torch.Tensor:
+    """The positions of one more generated token: GLM-4 counts on; ChatGLM-6B keeps the [gMASK] position and
+    counts the block position."""
+    if family == "visualglm":  # (B, 2, T)
+        return torch.stack([pos[:, 0, -1:], pos[:, 1, -1:] + 1], dim=1)
+    return pos[:, -1:] + 1
+
+
 @pytest.mark.parametrize("source", ["checkpoint", "export"])
-def test_ptuning_generation_with_kv_cache_equals_full_recompute(tiny_glm4v, shapes_data, tmp_path, source):
+@pytest.mark.parametrize("family", ["glm4v", "visualglm"])
+def test_ptuning_generation_with_kv_cache_equals_full_recompute(request, family, shapes_data, tmp_path, source):
     """Decoding reuses the cache that starts with the prefix; positions and masks must match a full forward."""
     from glmtune.chat import load_for_inference
     from glmtune.merge import merge
     from glmtune.train import train
 
-    summary = train(recipe(tiny_glm4v, shapes_data, tmp_path / "run", "glm4v/lora.yaml", *METHODS["ptuning"],
+    model_dir = request.getfixturevalue(FAMILIES[family][0])
+    summary = train(recipe(model_dir, shapes_data, tmp_path / "run", FAMILIES[family][1], *METHODS["ptuning"],
                            "train.max_steps=4"))
     target = summary["checkpoint"] if source == "checkpoint" else merge(summary["checkpoint"], tmp_path / "m")
     fam, model, processor = load_for_inference(target)
@@ -115,7 +129,7 @@ def test_ptuning_generation_with_kv_cache_equals_full_recompute(tiny_glm4v, shap
             nxt = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[:, -1].argmax(-1)
             assert nxt.tolist() == cached[:, step].tolist()
             ids = torch.cat([ids, nxt[:, None]], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+            pos = torch.cat([pos, next_positions(family, pos)], -1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from glmtune.adapters.lora import attach_lora
-from glmtune.adapters.ptuning import add_prefix_like, attach_ptuning, write_record
+from glmtune.adapters.ptuning import add_prefix_like, attach_ptuning, load_upstream_prefix, write_record
 from glmtune.adapters.qlora import QUANT_FILE, prepare_qlora, quantize_like
 from glmtune.adapters.trainable import set_trainable
 from glmtune.config import CheckpointError
@@ -67,8 +67,11 @@ def save_trained(model, out_dir: Path, method: str, state_dict: dict | None = No
 
 
 def load_trained(model, ckpt: Path, family, trainable: bool = False):
-    """Apply a checkpoint's adapter (or full weights, or P-tuning prefix) to a freshly loaded base model."""
+    """Apply a checkpoint's adapter (or full weights, or P-tuning prefix) to a freshly loaded base model; also
+    the output folder of an upstream P-tuning v2 run (config.json with pre_seq_len + the prefix weights)."""
     ckpt = Path(ckpt)
+    if load_upstream_prefix(model, family, ckpt, trainable):
+        return model
     add_prefix_like(model, family, ckpt)
     if (ckpt / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -92,4 +95,5 @@ def load_trained(model, ckpt: Path, family, trainable: bool = False):
                 own[name].copy_(tensor)
                 own[name].requires_grad_(trainable)
         return model
-    raise FileNotFoundError(f"{ckpt} holds neither adapter_config.json nor {FULL_WEIGHTS}: not a glmtune checkpoint")
+    raise FileNotFoundError(f"{ckpt} holds neither adapter_config.json nor {FULL_WEIGHTS} (nor an upstream P-tuning "
+                            f"v2 prefix): not a glmtune checkpoint")

@@ -1,16 +1,18 @@
 """Official checkpoint files <-> native modules: streaming, strict loading and sharded saving.
 
 Loading builds the model on the meta device, allocates it once (`to_empty`), then copies shard by shard,
-so peak memory is the model plus one shard. The check is strict: every checkpoint tensor is used, every
-parameter and persistent buffer is filled, shapes are equal; a mismatch names the tensor and the file.
+so peak memory is the model plus one shard (under ZeRO-3: each process's partition plus one tensor). The
+check is strict: every checkpoint tensor is used, every parameter and persistent buffer is filled, shapes are
+equal; a mismatch names the tensor and the file.
 `.bin` shards (VisualGLM-6B / ChatGLM-6B) are read with `torch.load(weights_only=True)`: no pickle code runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -56,6 +58,75 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
+
+
+def load_official(build: Callable[[bool], nn.Module], model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The model `build(meta)` describes, filled from the checkpoint folder: on the meta device then strictly
+    shard by shard, or, when accelerate runs DeepSpeed ZeRO-3, partitioned from the start (`load_zero3`)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return load_zero3(build, model_dir, dtype)
+    return load_strict(build(True), model_dir, dtype)
+
+
+@contextlib.contextmanager
+def skip_default_init():
+    """Module constructors skip their random init (every tensor is loaded next anyway)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def load_zero3(build: Callable[[bool], nn.Module], model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Under ZeRO-3: build the model already partitioned (deepspeed.zero.Init: each process keeps 1/N of every
+    weight), then fill it tensor by tensor, every process gathering the one weight being loaded; so no process
+    ever holds more than its partition plus one tensor, instead of the whole model before DeepSpeed splits it.
+    Every process reads the same shards in the same order (the gathers are collectives)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    # the dtype goes through the config: DeepSpeed 0.19's Init ignores its `dtype` argument on devices without
+    # fp16 (an operator-precedence slip picks bfloat16 on CPUs)
+    config = dict(deepspeed_config(), bf16={"enabled": dtype == torch.bfloat16},
+                  fp16={"enabled": dtype == torch.float16})
+    with skip_default_init(), deepspeed.zero.Init(config_dict_or_path=config):
+        model = build(False)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names share one parameter
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    filled = set()
+    with torch.no_grad():
+        for shard in weight_files(model_dir):
+            for name, tensor in iter_shard(shard):
+                if name in buffers:  # buffers are not partitioned
+                    buffers[name].copy_(tensor)
+                    filled.add(name)
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{shard}: tensor {name} has no place in the model; is this checkpoint of "
+                                          f"another family or size? (model has e.g. {next(iter(params))})")
+                target = params[name]
+                shape = tuple(getattr(target, "ds_shape", target.shape))
+                if shape != tuple(tensor.shape):
+                    raise CheckpointError(f"{shard}: {name} has shape {tuple(tensor.shape)}, the model built from "
+                                          f"config.json expects {shape}")
+                with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                    target.data.copy_(tensor)
+                filled.add(name)
+    missing = sorted((set(params) | set(buffers)) - filled)
+    if missing:
+        raise CheckpointError(f"{model_dir}: {len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
+    for module in model.modules():  # as load_strict's model.to(dtype) does for the buffers
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[key] = buf.to(dtype)
+    return model
 
 
 def load_strict(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:

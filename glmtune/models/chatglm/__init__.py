@@ -8,6 +8,7 @@ from glmtune.models.visualglm import COMPONENTS as _VISION_COMPONENTS
 from glmtune.models.visualglm import LORA_TARGETS as _VISION_TARGETS
 from glmtune.models.visualglm import (
     OUTPUT_LAYER,
+    add_prefix,
     build_model,
     generate,
     generation_eos,
@@ -20,5 +21,5 @@ COMPONENTS = {"language": _VISION_COMPONENTS["language"]}
 LORA_TARGETS = {"language": _VISION_TARGETS["language"]}
 make_tiny = partial(_make_tiny, vision=False)
 
-__all__ = ["COMPONENTS", "OUTPUT_LAYER", "LORA_TARGETS", "build_model", "load_model", "load_processor",
+__all__ = ["COMPONENTS", "OUTPUT_LAYER", "add_prefix", "LORA_TARGETS", "build_model", "load_model", "load_processor",
            "make_tiny", "generation_eos", "generate"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
 from glmtune.models.glm4v.template import Glm4Processor
 from glmtune.models.glm4v.tiny import make_tiny
-from glmtune.models.weights import load_strict
+from glmtune.models.weights import load_official
 
 # Component -> official module-name prefixes; a parameter belongs to the longest matching prefix.
 # The projector is the conv downsample + GLU adapter (LLaMA-Factory/ms-swift call linear_proj the aligner);
@@ -42,7 +43,7 @@ def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGe
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Official checkpoint folder -> model, shard by shard, with a strict name and shape check."""
-    return load_strict(build_model(path, meta=True), path, dtype).eval()
+    return load_official(partial(build_model, path), path, dtype).eval()
 
 
 def load_processor(path: str | Path) -> Glm4Processor:

@@ -178,8 +178,9 @@ class PrefixEncoder(nn.Module):
             self.trans = nn.Sequential(nn.Linear(width, cfg.hidden_size), nn.Tanh(), nn.Linear(cfg.hidden_size, width))
 
     def table(self) -> torch.Tensor:
-        """(pre_seq_len, width): the effective prefix (what an export writes as embedding.weight)."""
-        rows = self.embedding.weight
+        """(pre_seq_len, width): the effective prefix (what an export writes as embedding.weight). The submodules
+        are called, not their weights read, so that DeepSpeed ZeRO-3 gathers them like any module's."""
+        rows = self.embedding(torch.arange(self.pre_seq_len, device=self.embedding.weight.device))
         return self.trans(rows) if hasattr(self, "trans") else rows
 
     def forward(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

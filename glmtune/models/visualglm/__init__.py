@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from glmtune.models.visualglm.config import load_config
 from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
 from glmtune.models.visualglm.template import ChatGLMProcessor
 from glmtune.models.visualglm.tiny import make_tiny
-from glmtune.models.weights import load_strict
+from glmtune.models.weights import load_official
 
 # The Q-Former and glm_proj bridge the image into the LM: they are the projector.
 COMPONENTS = {
@@ -39,11 +40,20 @@ def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGe
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Official checkpoint folder (sharded .bin, read with weights_only=True, or safetensors) -> model."""
-    return load_strict(build_model(path, meta=True), path, dtype).eval()
+    return load_official(partial(build_model, path), path, dtype).eval()
 
 
 def load_processor(path: str | Path) -> ChatGLMProcessor:
     return ChatGLMProcessor(path)
+
+
+def add_prefix(model, num_virtual_tokens: int, projection: bool) -> None:
+    """P-tuning v2: a trainable `transformer.prefix_encoder` (fp32) shaped as ChatGLM-6B's remote code builds it
+    (one key and one value of hidden width per layer and virtual token; with `projection`, its MLP)."""
+    from glmtune.models.visualglm.model import PrefixEncoder
+
+    device = model.transformer.word_embeddings.weight.device
+    model.transformer.prefix_encoder = PrefixEncoder(model.config, num_virtual_tokens, projection).to(device)
 
 
 def generation_eos(model) -> list[int]:
@@ -67,5 +77,5 @@ def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: in
     return greedy_decode(model, batch, max_new_tokens, eos, pad_id, advance, last)
 
 
-__all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "build_model", "load_model", "load_processor",
+__all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model", "load_processor",
            "make_tiny", "generation_eos", "generate"]

@@ -52,6 +52,8 @@ class ChatGLMConfig:
     gmask_token_id: int = 130001
     pad_token_id: int = 3
     image_length: int = 32
+    pre_seq_len: int | None = None  # P-tuning v2: prefix length (`transformer.prefix_encoder` in the weights)
+    prefix_projection: bool = False  # the prefix through upstream's 2-layer MLP (`prefix_encoder.trans`)
     eva_config: EvaConfig | None = None
     qformer_config: QFormerConfig | None = None
 
@@ -65,8 +67,9 @@ def config_from_dict(raw: dict, source: str = "config.json") -> ChatGLMConfig:
     cfg = ChatGLMConfig(**{k: v for k, v in raw.items() if k in known})
     if not cfg.position_encoding_2d:
         raise CheckpointError(f"{source}: position_encoding_2d=false is not ChatGLM-6B's architecture")
-    if raw.get("pre_seq_len"):
-        raise CheckpointError(f"{source}: pre_seq_len (a P-tuning checkpoint) is not supported for ChatGLM-6B yet")
+    if cfg.pre_seq_len is not None and (type(cfg.pre_seq_len) is not int or cfg.pre_seq_len < 1):
+        raise CheckpointError(f"{source}: pre_seq_len={cfg.pre_seq_len!r}; a P-tuning v2 prefix length is a positive "
+                              f"integer (or null for no prefix)")
     if raw.get("quantization_bit"):
         raise CheckpointError(f"{source}: quantization_bit={raw['quantization_bit']}: load the unquantized checkpoint")
     if raw.get("eva_config"):

@@ -8,6 +8,10 @@ Shapes: B batch, T tokens, H heads, D head dim, C hidden. The numerics follow th
   upstream model has it); scores masked with -10000.
 - Prefix-LM attention: keys in the context (block position 0) are visible to every query, causal after.
 Positions come from the template as (B, 2, T): [position, block position].
+
+P-tuning v2 (`transformer.prefix_encoder`, `pre_seq_len` / `prefix_projection` in config.json, as upstream): the
+prefix enters every layer as the first entries of the KV cache (keys not rotated), every query sees all of it,
+and positions, block positions and the attention mask of the caller's tokens are those without a prefix.
 """
 
 from __future__ import annotations
@@ -105,6 +109,38 @@ class GLMBlock(nn.Module):
         return m * ALPHA + self.mlp(m), present
 
 
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 for ChatGLM-6B: per layer, a key and a value (H x D = hidden each) for every virtual token.
+
+    Row p of the table is [layer 0 key | layer 0 value | layer 1 key | ...] of virtual token p (width
+    num_layers * 2 * hidden). Without projection the table is `embedding.weight`; with it (upstream's
+    prefix_projection) `embedding` is hidden wide and `trans` = Linear(hidden, hidden), Tanh,
+    Linear(hidden, width) maps it to the table, as ChatGLM-6B's remote code builds it.
+    """
+
+    def __init__(self, cfg: ChatGLMConfig, pre_seq_len: int, projection: bool):
+        super().__init__()
+        self.cfg, self.pre_seq_len = cfg, pre_seq_len
+        width = cfg.num_layers * 2 * cfg.hidden_size
+        if projection:
+            self.embedding = nn.Embedding(pre_seq_len, cfg.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.Tanh(),
+                                       nn.Linear(cfg.hidden_size, width))
+        else:
+            self.embedding = nn.Embedding(pre_seq_len, width)
+
+    def forward(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each (B, H, P, D). The submodules are called (not their weights read),
+        so DeepSpeed ZeRO-3 gathers them as for any other module."""
+        c = self.cfg
+        rows = self.embedding(torch.arange(self.pre_seq_len, device=self.embedding.weight.device))
+        if hasattr(self, "trans"):
+            rows = self.trans(rows)
+        kv = rows.view(self.pre_seq_len, 2 * c.num_layers, c.num_attention_heads, c.head_dim).permute(1, 2, 0, 3)
+        kv = kv[:, None].expand(-1, batch_size, -1, -1, -1)  # (2L, B, H, P, D)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_layers)]
+
+
 class ChatGLMModel(nn.Module):
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
@@ -112,6 +148,8 @@ class ChatGLMModel(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.gradient_checkpointing = False
+        if cfg.pre_seq_len:  # a checkpoint with an (exported) P-tuning v2 prefix
+            self.prefix_encoder = PrefixEncoder(cfg, cfg.pre_seq_len, cfg.prefix_projection)
 
     def forward(self, x, rope, mask, past=None):
         presents = []
@@ -183,12 +221,20 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask=None, images=None, image_mask=None,
                 past_key_values=None, use_cache: bool = False, **_):
+        """`attention_mask` (B, past + T) and `position_ids` (B, 2, T) describe the caller's own tokens; with a
+        P-tuning prefix the cache starts with it (the prompt step creates it), and every query sees all of it."""
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        x = self.embed(input_ids, images, image_mask)
+        prefix = getattr(self.transformer, "prefix_encoder", None)
+        n_prefix = prefix.pre_seq_len if prefix is not None else 0
+        if prefix is not None and not past_key_values:
+            past_key_values = [(k.to(x.dtype), v.to(x.dtype)) for k, v in prefix(B)]
+        past_len = (past_key_values[0][0].shape[2] if past_key_values else 0) - n_prefix  # the caller's tokens
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
-        x = self.embed(input_ids, images, image_mask)
         rope = rope_2d(position_ids, self.config.head_dim, x.dtype)
-        mask = prefix_lm_mask(attention_mask, position_ids[:, 1], past_len, x.dtype)
+        mask = prefix_lm_mask(attention_mask, position_ids[:, 1], past_len, x.dtype)  # (B, 1, T, past + T)
+        if n_prefix:
+            mask = torch.cat([mask.new_zeros(B, 1, T, n_prefix), mask], dim=-1)
         hidden, presents = self.transformer(x, rope, mask, past_key_values)
         return ChatGLMOutput(logits=self.lm_head(hidden), past_key_values=presents if use_cache else None)
