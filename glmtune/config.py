@@ -260,6 +260,10 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     if recipe.adapter.method in LORA_METHODS and "lora" not in comps.values():
         fail("adapter.components", f"has no component set to `lora` although adapter.method is "
                                    f"`{recipe.adapter.method}`")
+    if recipe.adapter.method == "qlora" and recipe.train.distributed in ("zero3", "zero3_offload"):
+        fail("train.distributed", f"is `{recipe.train.distributed}` but adapter.method is `qlora`: ZeRO-3 cannot "
+                                  f"partition the 4-bit base weights; use zero2 or ddp (the 4-bit base is what "
+                                  f"makes the model fit)")
     if "lora" not in comps.values() and "full" not in comps.values() and recipe.adapter.method != "ptuning":
         fail("adapter.components", "leaves every component frozen: nothing would train")
     positive = {"adapter.r": recipe.adapter.r, "adapter.num_virtual_tokens": recipe.adapter.num_virtual_tokens,

@@ -138,9 +138,11 @@ def setup(recipe: Recipe):
                           "4-bit base is what makes the model fit")
     if resume_from is not None and (resume_from / "deepspeed").is_dir() != uses_deepspeed(accelerator):
         written = "under DeepSpeed" if (resume_from / "deepspeed").is_dir() else "without DeepSpeed"
-        raise CheckpointError(f"{resume_from} was written {written}, so its optimizer state does not fit this run's "
-                              f"train.distributed={recipe.train.distributed}; resume it with the engine it was "
-                              f"written with, or start a new train.output_dir")
+        engine = (f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if uses_deepspeed(accelerator)
+                  else "DDP / one process")
+        raise CheckpointError(f"{resume_from} was written {written}, so its optimizer state does not fit this run "
+                              f"({engine}); resume it with the engine it was written with, or start a new "
+                              f"train.output_dir")
     set_seed(recipe.train.seed)
     family = get_family(recipe.model.family)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])

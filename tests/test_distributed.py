@@ -238,8 +238,11 @@ def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tm
 def test_qlora_under_zero3_is_a_clear_error(tiny_glm4v, shapes_data, tmp_path):
     """ZeRO-3 cannot partition bitsandbytes' 4-bit weights (it fails once they are partitioned at all), so the
     recipe stops before loading anything; QLoRA runs under ZeRO-2 (below) and DDP."""
-    r = one_process("glm4v/qlora.yaml", overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run",
-                                                  "train.distributed=zero3"))
+    args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run")
+    r = one_process("glm4v/qlora.yaml", [*args, "train.distributed=zero3"])  # caught with the recipe
+    assert r.returncode == 2 and "is `zero3` but adapter.method is `qlora`" in r.stderr, r.stderr[-2000:]
+    # a DeepSpeed config of one's own (or accelerate's) is only known once the engine is set up
+    r = one_process("glm4v/qlora.yaml", [*args, f"train.deepspeed={ROOT / 'configs/deepspeed/zero3.json'}"])
     assert r.returncode == 2 and "adapter.method=qlora under DeepSpeed ZeRO-3" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
