@@ -16,7 +16,8 @@ import torch
 from glmtune.config import Recipe, RecipeError
 
 IMAGE_KEYS = ("pixel_values", "images")  # model inputs that carry images, per family
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+# glmtune/configs (the repository's configs/ links here), so that an installed wheel carries them too
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 
 
 def launcher_deepspeed(recipe: Recipe) -> Path | None:
@@ -37,15 +38,15 @@ def launcher_deepspeed(recipe: Recipe) -> Path | None:
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if file is None and stage is None and "ACCELERATE_CONFIG_DS_FIELDS" not in env:
         return None
-    repo = DEEPSPEED_CONFIGS.parent.parent
+    package = DEEPSPEED_CONFIGS.parent.parent  # holds configs/, as the repository does
     if file is not None:
         said = f"ACCELERATE_DEEPSPEED_CONFIG_FILE={file}"
         path = Path(file)
-        if not path.is_absolute() and not path.exists():  # accelerate configs name the repository's configs/
-            path = repo / file
+        if not path.is_absolute() and not path.exists():  # accelerate configs name configs/deepspeed/*.json
+            path = package / file
         if not path.is_file():
             raise RecipeError(f"accelerate launch set {said}: file not found (relative paths are read from the "
-                              f"current folder, then from {repo})")
+                              f"current folder, then from {package})")
     else:
         keys = [f"ACCELERATE_DEEPSPEED_{x}" for x in ("ZERO_STAGE", "OFFLOAD_OPTIMIZER_DEVICE", "OFFLOAD_PARAM_DEVICE")]
         said = ", ".join(f"{k}={env[k]}" for k in keys if k in env) or "ACCELERATE_USE_DEEPSPEED=true"
