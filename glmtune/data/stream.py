@@ -150,8 +150,22 @@ class BatchStream(IterableDataset):
 
 
 def make_loader(spec: StreamSpec, processor, start_record: int = 0, num_workers: int = 0):
-    """A DataLoader over whole batches (the dataset collates; the loader only moves them)."""
+    """A DataLoader over whole batches (the dataset collates; the loader only moves them).
+
+    Workers start from a fork server, not by forking the trainer: a fork copies one thread of a process whose
+    other threads (gloo, DeepSpeed, OpenMP) may hold locks, and a worker forked at such a moment hung before its
+    first line (seen under ZeRO-3: the rank waited for its batch forever). The stream pickles (spec + processor).
+    """
     return torch.utils.data.DataLoader(
         BatchStream(spec, processor, start_record), batch_size=None, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
+        multiprocessing_context=_forkserver() if num_workers else None,
     )
+
+
+def _forkserver():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["glmtune.data.stream"])  # imported once by the server, not by every worker
+    return context
