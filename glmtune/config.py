@@ -69,6 +69,11 @@ class DataConfig:
     format: str = "auto"  # auto | glm4 | visualglm | llava | sharegpt
     max_length: int = 1024  # tokens incl. image tokens; longer samples are never cut inside an image
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted in summary.json)
+    # before step 1 the first `check_first` records of data.train (and data.val) are read and encoded: no record,
+    # no good one, or more than `max_bad_fraction` of them bad stops the run with one line naming the file
+    check_first: int = 100
+    max_bad_fraction: float = 0.5
+    max_image_pixels: int = 64_000_000  # decompression-bomb limit: larger images (from their header) are bad samples
     shuffle_buffer: int = 256  # 0 or 1 = keep file order
     num_workers: int = 1  # DataLoader workers that decode images
     max_eval_samples: int = 200  # cap for the periodic eval loss and final metrics
@@ -269,7 +274,8 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     positive = {"adapter.r": recipe.adapter.r, "adapter.num_virtual_tokens": recipe.adapter.num_virtual_tokens,
                 "train.max_steps": recipe.train.max_steps,
                 "train.batch_size": recipe.train.batch_size, "train.grad_accum": recipe.train.grad_accum,
-                "data.max_length": recipe.data.max_length, "log.log_every": recipe.log.log_every}
+                "data.max_length": recipe.data.max_length, "log.log_every": recipe.log.log_every,
+                "data.check_first": recipe.data.check_first, "data.max_image_pixels": recipe.data.max_image_pixels}
     for key, value in positive.items():
         if value < 1:
             fail(key, f"is {value}, must be >= 1")
@@ -280,6 +286,9 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
                        "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
         if value < 0:
             fail(key, f"is {value}, must be >= 0")
+    if not 0 <= recipe.data.max_bad_fraction <= 1:
+        fail("data.max_bad_fraction", f"is {recipe.data.max_bad_fraction}, must be in [0, 1] (1 = only an all-bad "
+                                      f"start stops the run)")
     if not 0 <= recipe.train.warmup_ratio < 1:
         fail("train.warmup_ratio", f"is {recipe.train.warmup_ratio}, must be in [0, 1)")
     if recipe.train.resume not in ("auto", "never") and not Path(recipe.train.resume).is_dir():

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from glmtune.adapters import attach
 from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint, saved_world_size
 from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import StreamSpec, make_loader
+from glmtune.data.stream import StreamSpec, check_start, make_loader
 from glmtune.distributed import (
     all_gather,
     all_reduce_sum,
@@ -78,20 +78,20 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: bool) -> StreamSpec:
     d = recipe.data
     return StreamSpec(files=files, format=d.format, image_dir=d.image_dir, max_length=d.max_length,
-                      on_bad_sample=d.on_bad_sample,
+                      on_bad_sample=d.on_bad_sample, max_image_pixels=d.max_image_pixels,
                       batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
                       seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1,
                       max_records=None if train else d.max_eval_samples)
 
 
 @torch.no_grad()
-def eval_loss(model, processor, spec: StreamSpec) -> dict:
+def eval_loss(model, processor, spec: StreamSpec, fallback: dict | None = None) -> dict:
     """Token-weighted mean loss over one pass of `spec`'s data (its first `max_records` records): the same
     records, hence the same value, under any number of processes.
 
     Every process runs the same number of forward passes (one with nothing left to read repeats its last
     batch and discards it): ZeRO-3 gathers weights collectively in every forward, so a rank with one batch
-    more than the others would wait forever.
+    more than the others would wait forever. `fallback` (check_start's batch) is that batch before any was read.
     """
     was_training = model.training
     model.eval()
@@ -104,9 +104,8 @@ def eval_loss(model, processor, spec: StreamSpec) -> dict:
         if all_reduce_sum([float(item is not None)])[0] == 0:
             break
         if item is None or item["batch"] is None:
-            if last is None:  # nothing read yet (fewer records than processes): borrow the data's first one
-                last = _to(next(iter(make_loader(replace(spec, rank=0, world_size=1, batch_size=1),
-                                                 processor)))["batch"], model)
+            if last is None:  # nothing read yet (fewer records than processes): borrow the data's first good one
+                last = _to(fallback if fallback is not None else check_start(spec, processor, 1000, 1.0), model)
             token_loss_sum(model, last)  # keeps this rank in step; result discarded
             continue
         last = _to(item["batch"], model)
@@ -159,7 +158,8 @@ def setup(recipe: Recipe):
     t = recipe.train
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
                               num_training_steps=t.max_steps)
-    state = {"step": 0, "records": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": []}
+    state = {"step": 0, "records": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": [],
+             "steps_without_targets": 0}
     if resume_from is not None:
         state.update(load_resume_state(resume_from, model, optimizer, scheduler, recipe.adapter.method))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -177,6 +177,12 @@ def train(recipe: Recipe) -> dict:
 
     from glmtune.logging import MetricsLogger, write_summary
 
+    # Empty, all-bad or mostly bad data stops here, before the model loads (one line naming the file); the first
+    # good records are the weightless passes of a rank whose own micro-batch is all bad.
+    d, probe = recipe.data, get_family(recipe.model.family).load_processor(recipe.model.path)
+    fallback = check_start(stream_spec(recipe, [d.train], 0, 1, True), probe, d.check_first, d.max_bad_fraction)
+    val_fallback = d.val and check_start(stream_spec(recipe, [d.val], 0, 1, False), probe, d.check_first,
+                                         d.max_bad_fraction)
     accelerator, family, model, processor, optimizer, scheduler, state, resume_from = setup(recipe)
     peak_after_setup = peak_rss_bytes()
     t, out = recipe.train, Path(recipe.train.output_dir)
@@ -211,12 +217,13 @@ def train(recipe: Recipe) -> dict:
         # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
         full_state = gathered_trainable_state(accelerator.unwrap_model(model), main) if zero3 else None
         if main:
-            position = {"step": step, "records": state["records"], "world_size": world}
+            position = {"step": step, "records": state["records"], "world_size": world,
+                        "steps_without_targets": state["steps_without_targets"]}
             save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
                             scheduler, recipe, {**position, **totals}, keep, state_dict=full_state)
         accelerator.wait_for_everyone()
 
-    step, last_good = state["step"], None
+    step, last_good, fallback = state["step"], None, _to(fallback, model)
     while step < t.max_steps:
         tic = time.time()
         # Dropout draws from a generator seeded by (seed, step, rank): a resumed run draws exactly what the
@@ -230,10 +237,13 @@ def train(recipe: Recipe) -> dict:
             if item["batch"] is not None:
                 last_good = _to(item["batch"], model)
                 micro.append((last_good, 1.0))
-            elif last_good is not None:  # every record of this batch was bad: a weightless pass keeps ranks in step
-                micro.append((last_good, 0.0))
+            else:  # every record of this batch was bad: a weightless pass keeps ranks in step
+                micro.append((last_good if last_good is not None else fallback, 0.0))
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
         n_total = int(all_reduce_sum([n_local])[0])
+        if n_total == 0:  # no target token on any process: nothing to learn, so not a training step; read on
+            state["steps_without_targets"] += 1
+            continue
         loss_total = 0.0
         for b, weight in micro:
             # accelerate synchronises gradients (DDP) and steps DeepSpeed only on the last micro-batch of a step
@@ -264,13 +274,13 @@ def train(recipe: Recipe) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped))
         bar.update(1)
         if recipe.data.val and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            last_eval = eval_loss(model, processor, val_spec)
+            last_eval = eval_loss(model, processor, val_spec, val_fallback)
             logger.log(step, {"loss": last_eval["loss"]}, split="eval")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             checkpoint(f"checkpoint-{step}", t.keep_last)
     bar.close()
     if recipe.data.val:
-        last_eval = eval_loss(model, processor, val_spec)
+        last_eval = eval_loss(model, processor, val_spec, val_fallback)
         logger.log(step, {"loss": last_eval["loss"]}, split="eval")
     checkpoint("checkpoint-final", None)
     memory = memory_per_rank(model, optimizer, peak_after_setup)
@@ -282,6 +292,7 @@ def train(recipe: Recipe) -> dict:
         "first_train_loss": history[0] if history else None,
         "eval": last_eval, "samples_seen": totals["samples"], "tokens_seen": totals["tokens"],
         "truncated_samples": totals["truncated"], "skipped_samples": len(totals["skipped"]),
+        "steps_without_targets": state["steps_without_targets"],
         "skipped": [{"source": s, "reason": r} for s, r in totals["skipped"][:1000]],
         "wall_time_s": round(time.time() - started, 2), "memory_per_rank": memory,
         "checkpoint": str(out / "checkpoint-final"), "output_dir": str(out),

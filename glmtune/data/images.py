@@ -8,6 +8,7 @@ stops the run, as the caller's policy says) instead of a traceback deep inside a
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -57,7 +58,9 @@ def load_image(path: str | os.PathLike, source: str, max_pixels: int = DEFAULT_M
         with _without_pil_pixel_limit(), open(path, "rb") as fp:
             # Opening through our own file object: PIL then does not own (and later close) it, and
             # the image we return stays usable after the file is closed.
-            image = Image.open(fp)
+            if os.fstat(fp.fileno()).st_size == 0:  # PIL would only say "cannot identify image file"
+                raise SampleError(source, f"cannot read image {path}: the file is empty (0 bytes)")
+            image = Image.open(fp)  # an animated GIF / WebP / APNG opens at its first frame, which is what we use
             width, height = image.size
             if width * height > max_pixels:
                 raise SampleError(
@@ -72,11 +75,28 @@ def load_image(path: str | os.PathLike, source: str, max_pixels: int = DEFAULT_M
         raise
     except FileNotFoundError:
         raise SampleError(source, f"cannot read image {path}: file not found") from None
+    except IsADirectoryError:
+        raise SampleError(source, f"cannot read image {path}: it is a folder, not an image file") from None
     except UnidentifiedImageError:  # its own message shows our file object, not the path
         reason = "not an image file (or a format PIL cannot read)"
         raise SampleError(source, f"cannot read image {path}: {reason}") from None
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
         raise SampleError(source, f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def pad_to_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """`image` centred on white so that its long side is at most `max_ratio` times its short side.
+
+    For image processors that refuse extreme shapes (GLM-4.1V's refuses 200:1, e.g. a 1x2000 strip): padding
+    keeps every pixel of the sample instead of dropping the sample."""
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    size = (width, max(height, math.ceil(width / max_ratio))) if width > height else \
+        (max(width, math.ceil(height / max_ratio)), height)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -11,8 +11,10 @@ G = batch_size x world_size, and rank r takes the r-th slice of batch_size recor
     which the DataLoader returns them, so the batch order does not depend on the number of workers;
   - images are decoded and tokenised inside the workers, only for the worker's own batches.
 A bad record (bad JSON, wrong fields, missing/corrupt image, too long) is either an error or dropped from its
-batch and reported in the batch's `skipped` list by the one rank that owns it, so the training loop counts
-every bad sample exactly once. The training stream repeats epochs until the trainer stops; an evaluation
+batch and reported in the batch's `skipped` list by the one rank that owns it, in the first epoch only (later
+epochs read the same records again: `skipped_again` counts those), so the training loop counts every bad
+record exactly once, however often the stream cycles. `check_start` reads the first records before step 1: an
+empty file, or one whose start is all or mostly bad, stops the run there instead of training on nothing. The training stream repeats epochs until the trainer stops; an evaluation
 stream (`epochs=1`) ends after one pass, its last global batch possibly short (a rank may get nothing).
 """
 
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from glmtune.data.formats import iter_records, parse_record
-from glmtune.data.images import load_image
+from glmtune.data.images import DEFAULT_MAX_PIXELS, load_image
 from glmtune.data.sample import Sample, SampleError
 
 
@@ -46,21 +48,25 @@ class StreamSpec:
     world_size: int = 1
     epochs: int | None = None  # None = repeat forever (training)
     max_records: int | None = None  # only the first N records of each epoch (evaluation subsets)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height from the header) are bad samples
 
 
 def image_base(data_file: str | Path, image_dir: str | None) -> Path:
     return Path(image_dir).resolve() if image_dir else Path(data_file).resolve().parent
 
 
+def file_records(spec: StreamSpec) -> Iterator[tuple[str, dict | SampleError, Path]]:
+    """(source, record, image base folder) of every file, in file order."""
+    for f in spec.files:
+        base = image_base(f, spec.image_dir)
+        for source, record in iter_records(f):
+            yield source, record, base
+
+
 def epoch_records(spec: StreamSpec, epoch: int) -> Iterator[tuple[str, dict | SampleError, Path]]:
     """All records of one epoch in their (shuffled) order: the same on every rank."""
-    def raw():
-        for f in spec.files:
-            base = image_base(f, spec.image_dir)
-            for source, record in iter_records(f):
-                yield source, record, base
-
-    records = raw() if spec.max_records is None else itertools.islice(raw(), spec.max_records)
+    raw = file_records(spec)
+    records = raw if spec.max_records is None else itertools.islice(raw, spec.max_records)
     if spec.shuffle_buffer <= 1:
         yield from records
         return
@@ -90,7 +96,8 @@ def global_records(spec: StreamSpec) -> Iterator[tuple[int, tuple]]:
 
 def record_batches(spec: StreamSpec, start_record: int = 0) -> Iterator[tuple[int, int, int, list]]:
     """(k, epoch, position, this rank's records) for global micro-batch k counted from `start_record`;
-    `position` is the number of records consumed once this global batch is done (the resume point)."""
+    `position` is the number of records consumed once this global batch is done (the resume point); each
+    record is (source, record, base, its epoch)."""
     size = spec.batch_size * spec.world_size
     mine = slice(spec.rank * spec.batch_size, (spec.rank + 1) * spec.batch_size)
     stream = itertools.islice(global_records(spec), start_record, None)
@@ -100,20 +107,65 @@ def record_batches(spec: StreamSpec, start_record: int = 0) -> Iterator[tuple[in
             return
         records = chunk[mine]
         if records:  # the short last batch of a finite stream may leave nothing for this rank
-            yield k, records[0][0], start_record + k * size + len(chunk), [r for _, r in records]
+            yield k, records[0][0], start_record + k * size + len(chunk), [(*r, e) for e, r in records]
 
 
-def load_sample(source: str, record, base: Path, fmt: str) -> tuple[Sample, list]:
+def load_sample(source: str, record, base: Path, fmt: str,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Sample, list]:
     if isinstance(record, SampleError):
         raise record
     sample = parse_record(record, source, base, fmt)
-    return sample, [load_image(p, source) for p in sample.images]
+    return sample, [load_image(p, source, max_pixels) for p in sample.images]
+
+
+def start_verdict(read: int, bad: list[tuple[str, str]], max_bad_fraction: float) -> str | None:
+    """Why training must not start on data whose first `read` records hold `bad` ((source, reason)), or None.
+    Shared by `check_start` (train) and `glmtune check`, so that both say the same."""
+    if read == 0:
+        return ("the file holds no records (empty, or only blank lines); point data.train / data.val at a .jsonl "
+                "(one JSON object per line) or .json (an array of objects) file with samples")
+    if len(bad) < read and len(bad) <= max_bad_fraction * read:
+        return None
+    source, reason = bad[0]
+    hint = ("; relative image paths resolve against the data file's folder (data.image_dir=. resolves them "
+            "against the working directory, as the upstream scripts do)" if reason.startswith("image not found")
+            else "")
+    head = f"all {read} records read are bad samples" if len(bad) == read else \
+        f"{len(bad)} of the first {read} records are bad samples, over data.max_bad_fraction={max_bad_fraction}"
+    return (f"{head} (first: {source}: {reason}){hint}; fix the data (glmtune check lists every bad "
+            f"sample){'' if len(bad) == read else ' or raise data.max_bad_fraction'}")
+
+
+def check_start(spec: StreamSpec, processor, first: int, max_bad_fraction: float) -> dict:
+    """Read and encode the first `first` records (file order) before training; raise SampleError if the data
+    is empty, all bad, or more than `max_bad_fraction` bad (with on_bad_sample=error: at the first bad one).
+    Returns the first good record as a batch: the weightless pass of a rank whose micro-batch is all bad
+    (every rank computes the same one)."""
+    read, bad, fallback = 0, [], None
+    for source, record, base in itertools.islice(file_records(spec), first):
+        read += 1
+        try:
+            sample, images = load_sample(source, record, base, spec.format, spec.max_image_pixels)
+            item = processor.encode(sample.turns, images, source, spec.max_length)
+        except SampleError as e:
+            if spec.on_bad_sample == "error":
+                raise
+            bad.append((e.source, e.reason))
+            continue
+        if fallback is None:
+            item.pop("truncated", None)
+            fallback = processor.collate([item])
+    verdict = start_verdict(read, bad, max_bad_fraction)
+    if verdict:
+        raise SampleError(", ".join(spec.files), verdict)
+    return fallback
 
 
 class BatchStream(IterableDataset):
     """Yields dicts: {"index" (global micro-batch since start_record), "epoch", "position" (records consumed
     after it, over all ranks), "batch" (collated, or None if every record was bad), "samples", "tokens",
-    "truncated", "skipped": [(source, reason)], "error": (source, reason) | None}."""
+    "truncated", "skipped": [(source, reason)] (bad records of the first epoch), "skipped_again" (bad records of
+    later epochs, already reported), "error": (source, reason) | None}."""
 
     def __init__(self, spec: StreamSpec, processor, start_record: int = 0):
         self.spec, self.processor, self.start_record = spec, processor, start_record
@@ -131,22 +183,26 @@ class BatchStream(IterableDataset):
                 return
 
     def _encode_batch(self, b: int, epoch: int, records: list) -> dict:
-        items, skipped, truncated = [], [], 0
-        for source, record, base in records:
+        items, skipped, skipped_again, truncated = [], [], 0, 0
+        for source, record, base, record_epoch in records:
             try:
-                sample, images = load_sample(source, record, base, self.spec.format)
+                sample, images = load_sample(source, record, base, self.spec.format, self.spec.max_image_pixels)
                 item = self.processor.encode(sample.turns, images, source, self.spec.max_length)
             except SampleError as e:
                 if self.spec.on_bad_sample == "error":
-                    return {"index": b, "epoch": epoch, "batch": None, "skipped": [], "error": (e.source, e.reason)}
-                skipped.append((e.source, e.reason))
+                    return {"index": b, "epoch": epoch, "batch": None, "skipped": [], "skipped_again": 0,
+                            "error": (e.source, e.reason)}
+                if record_epoch == 0:
+                    skipped.append((e.source, e.reason))
+                else:
+                    skipped_again += 1
                 continue
             truncated += int(item.pop("truncated", False))
             items.append(item)
         batch = self.processor.collate(items) if items else None
         tokens = int(batch["attention_mask"].sum()) if batch is not None else 0
         return {"index": b, "epoch": epoch, "batch": batch, "samples": len(items), "tokens": tokens,
-                "truncated": truncated, "skipped": skipped, "error": None}
+                "truncated": truncated, "skipped": skipped, "skipped_again": skipped_again, "error": None}
 
 
 def make_loader(spec: StreamSpec, processor, start_record: int = 0, num_workers: int = 0):

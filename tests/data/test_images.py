@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from glmtune.data.images import image_size, load_image, to_rgb
+from glmtune.data.images import image_size, load_image, pad_to_aspect_ratio, to_rgb
 from glmtune.data.sample import SampleError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,4 +230,47 @@ def test_truncated_jpeg(tmp_path):
 
 
 def test_directory_is_not_an_image(tmp_path):
-    assert error_of(tmp_path).startswith(f"d.jsonl:7: cannot read image {tmp_path}: IsADirectoryError")
+    assert error_of(tmp_path) == f"d.jsonl:7: cannot read image {tmp_path}: it is a folder, not an image file"
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    assert error_of(path) == f"d.jsonl:7: cannot read image {path}: the file is empty (0 bytes)"
+
+
+# --- animated formats, paths, shapes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_animation_gives_its_first_frame(tmp_path, suffix):
+    path = tmp_path / f"anim{suffix}"
+    frames = [Image.new("RGB", (16, 8), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0, lossless=True)
+    assert Image.open(path).n_frames == 3
+    image = load_image(path, "d.jsonl:1")
+    assert image.mode == "RGB" and image.size == (16, 8)
+    assert image.getpixel((3, 3)) == (255, 0, 0)  # first frame, exactly (GIF palette and lossless WebP)
+
+
+def test_non_ascii_path(tmp_path):
+    folder = tmp_path / "图片 données"
+    folder.mkdir()
+    path = folder / "猫 chat é.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path)
+    assert load_image(path, "d.jsonl:1").getpixel((0, 0)) == (1, 2, 3)
+    empty = folder / "空.png"
+    empty.write_bytes(b"")
+    assert error_of(empty) == f"d.jsonl:7: cannot read image {empty}: the file is empty (0 bytes)"
+
+
+@pytest.mark.parametrize("size, expected", [((1, 2000), (11, 2000)), ((2000, 3), (2000, 11)), ((100, 100), (100, 100)),
+                                            ((1, 190), (1, 190))])
+def test_pad_to_aspect_ratio(size, expected):
+    image = Image.new("RGB", size, (255, 0, 0))
+    padded = pad_to_aspect_ratio(image, 190)
+    assert padded.size == expected
+    if padded is not image:  # centred on white, every pixel kept
+        x, y = (expected[0] - size[0]) // 2, (expected[1] - size[1]) // 2
+        assert padded.getpixel((x, y)) == (255, 0, 0) and padded.getpixel((0, 0)) == (255, 255, 255)
+        assert padded.crop((x, y, x + size[0], y + size[1])).tobytes() == image.tobytes()

@@ -59,7 +59,7 @@ def reference(spec: StreamSpec, epochs: int) -> list[tuple[int, str]]:
 
 def steps(spec: StreamSpec, start: int = 0, n: int | None = None) -> list[tuple[int, int, int, list[str]]]:
     """(k, epoch, position, sources) of this rank's batches."""
-    out = ((k, e, p, [s for s, _, _ in recs]) for k, e, p, recs in record_batches(spec, start))
+    out = ((k, e, p, [s for s, *_ in recs]) for k, e, p, recs in record_batches(spec, start))
     return list(out) if n is None else take(out, n)
 
 

@@ -144,13 +144,29 @@ def iter_records(path: str | os.PathLike, chunk_size: int = 1 << 16) -> Iterator
     source is "<path>:<line>" with the 1-based line where the record starts. A record that cannot
     be read comes out as a SampleError in place of the dict (the caller applies the skip policy).
     `chunk_size` (characters read at a time from .json files) only matters for tests.
+
+    A file whose content starts with "[" is one JSON array whatever its suffix: VisualGLM's fewshot
+    data is a JSON array, and saved as .jsonl it was read line by line, every record bad.
     """
     suffix = Path(path).suffix.lower()
-    if suffix == ".jsonl":
-        return _iter_jsonl(path)
-    if suffix == ".json":
+    if suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: unsupported data file type {suffix!r}; expected .jsonl or .json")
+    if suffix == ".json" or _starts_with_array(path):
         return _iter_json(path, chunk_size)
-    raise ValueError(f"{path}: unsupported data file type {suffix!r}; expected .jsonl or .json")
+    return _iter_jsonl(path)
+
+
+def _starts_with_array(path: str | os.PathLike) -> bool:
+    """Whether the first non-blank character of the file (after a UTF-8 BOM) is "["; reads only up to it."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+        if head != b"\xef\xbb\xbf":
+            f.seek(0)
+        while chunk := f.read(4096):
+            text = chunk.lstrip(b" \t\r\n")
+            if text:
+                return text[:1] == b"["
+    return False
 
 
 def _iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict | SampleError]]:

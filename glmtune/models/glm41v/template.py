@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
+from glmtune.data.images import pad_to_aspect_ratio
 from glmtune.data.sample import IMAGE_PLACEHOLDER, Turn
 
 
@@ -45,6 +46,9 @@ class Glm41vProcessor:
     def images(self, images: list) -> dict:
         if not images:
             return {}
+        # the image processor raises on an aspect ratio over 200 (after scaling a short side under 28 px up to 28,
+        # which may cut ~4% more): pad such images to 190:1
+        images = [pad_to_aspect_ratio(image, 190) for image in images]
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
