@@ -286,6 +286,11 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
                        "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
         if value < 0:
             fail(key, f"is {value}, must be >= 0")
+    for key in ("train", "val"):
+        value = getattr(recipe.data, key)
+        if value is not None and Path(value).suffix.lower() not in (".jsonl", ".json"):
+            fail(f"data.{key}", f"= {value}: a data file must be .jsonl (one JSON object per line) or .json "
+                                f"(an array of objects)")
     if not 0 <= recipe.data.max_bad_fraction <= 1:
         fail("data.max_bad_fraction", f"is {recipe.data.max_bad_fraction}, must be in [0, 1] (1 = only an all-bad "
                                       f"start stops the run)")

@@ -397,3 +397,20 @@ def test_json_record_much_larger_than_a_chunk(tmp_path):
     big = {"label": "x" * 300_000, "n": list(range(1000))}
     path.write_text("[\n" + json.dumps(big) + ",\n" + json.dumps({"a": 1}) + "\n]")
     assert list(iter_records(path, chunk_size=10)) == [(f"{path}:2", big), (f"{path}:3", {"a": 1})]
+
+
+@pytest.mark.parametrize("layout", ["one line", "pretty", "bom and blank lines"])
+def test_a_json_array_is_read_as_one_whatever_the_suffix(tmp_path, layout):
+    """VisualGLM's fewshot data (a JSON array) saved as .jsonl: its records, not one bad list per line."""
+    records = [{"img": f"{i}.png", "prompt": "q", "label": f"a{i}"} for i in range(3)]
+    text = {"one line": json.dumps(records), "pretty": json.dumps(records, indent=2),
+            "bom and blank lines": "\ufeff\n\n  " + json.dumps(records, indent=1)}[layout]
+    path = tmp_path / "data.jsonl"
+    path.write_text(text + "\n", encoding="utf-8")
+    got = list(iter_records(path))
+    assert [r for _, r in got] == records
+    first_line = {"one line": 1, "pretty": 2, "bom and blank lines": 4}[layout]
+    assert got[0][0] == f"{path}:{first_line}"
+    # JSON lines stay JSON lines, a .jsonl file of one object too
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert [(s, r) for s, r in iter_records(path)] == [(f"{path}:{i + 1}", r) for i, r in enumerate(records)]

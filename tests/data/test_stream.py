@@ -8,11 +8,21 @@ import json
 import threading
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from glmtune.data.stream import BatchStream, StreamSpec, epoch_records, global_records, make_loader, record_batches
+from glmtune.data.sample import SampleError
+from glmtune.data.stream import (
+    BatchStream,
+    StreamSpec,
+    check_start,
+    epoch_records,
+    global_records,
+    make_loader,
+    record_batches,
+)
 from glmtune.models import get_family
 
 N_TRAIN = 64
@@ -437,3 +447,40 @@ def test_bad_sample_error_through_the_loader(bad_file, proc):
     spec = StreamSpec(files=[path], batch_size=3, on_bad_sample="error", epochs=1)
     (only,) = list(make_loader(spec, proc))
     assert tuple(only["error"])[0] == f"{path}:2"
+
+
+def test_bad_records_are_reported_once_however_often_the_stream_cycles(bad_file, proc):
+    """The training stream repeats epochs: a bad line is reported in the first epoch only, counted later."""
+    path, reasons = bad_file
+    spec = StreamSpec(files=[path], batch_size=3, on_bad_sample="skip")  # endless
+    out = take(BatchStream(spec, proc), 8)  # 24 records = 3 epochs of 8
+    skipped = [s for x in out for s, _ in x["skipped"]]
+    assert skipped == [f"{path}:{n}" for n in sorted(reasons)]
+    assert sum(x["skipped_again"] for x in out) == 2 * len(reasons)
+    assert sum(x["samples"] for x in out) == 3 * 4
+    # resumed in the second epoch: nothing is reported again (the run before the resume reported it)
+    resumed = take(BatchStream(spec, proc, start_record=9), 3)  # records 9..17: lines 2..8, then 1, 2
+    assert [s for x in resumed for s in x["skipped"]] == [] and sum(x["skipped_again"] for x in resumed) == 5
+
+
+def test_check_start(bad_file, proc, tmp_path):
+    path, reasons = bad_file
+    spec = StreamSpec(files=[path], on_bad_sample="skip")
+    batch = check_start(spec, proc, 8, 0.5)  # 4 of 8 bad: at the limit, not over it
+    assert proc.decode([v for v in batch["labels"][0].tolist() if v != -100]) == "circle"  # the first good record
+    with pytest.raises(SampleError) as e:
+        check_start(spec, proc, 8, 0.49)
+    assert str(e.value).startswith(f"{path}: 4 of the first 8 records are bad samples, over "
+                                   f"data.max_bad_fraction=0.49 (first: {path}:2: invalid JSON")
+    assert str(e.value).endswith("or raise data.max_bad_fraction")
+    check_start(spec, proc, 2, 0.5)  # the first 2 records: 1 bad
+    with pytest.raises(SampleError, match=f"^{path}:2: invalid JSON"):
+        check_start(replace(spec, on_bad_sample="error"), proc, 8, 1.0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(Path(path).read_text().splitlines()[1:2] * 5) + "\n")
+    with pytest.raises(SampleError, match=f"^{bad}: all 5 records read are bad samples \\(first: {bad}:1: invalid"):
+        check_start(StreamSpec(files=[str(bad)], on_bad_sample="skip"), proc, 100, 1.0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    with pytest.raises(SampleError, match=f"^{empty}: the file holds no records"):
+        check_start(StreamSpec(files=[str(empty)]), proc, 100, 0.5)
