@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -172,15 +172,20 @@ def test_two_processes_with_an_all_bad_micro_batch_on_one_rank(tiny_glm4, tmp_pa
     cmd = ["bash", str(ROOT / "launch.sh"), "2", str(ROOT / "recipes" / "glm4" / "lora.yaml"), "--master",
            f"127.0.0.1:{port}", *glm4_args(tiny_glm4, data, out, "train.max_steps=3", "train.distributed=ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _, stderr = job.communicate(timeout=300)  # the old loop hung here
+        job.wait(timeout=300)  # the old loop hung here (rank 0 in the gradient all-reduce)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.communicate()
-    assert job.returncode == 0, stderr[-3000:]
+        if job.poll() is None:  # torchrun starts each worker in a session of its own: kill them one by one
+            for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            job.wait()
+    assert job.returncode == 0, log.read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     # steps: (1, 2) -> rank 0 learns line 1; (3, 4) -> nothing, no step; (5, 6); (1, 2) of the second epoch
     assert summary["steps"] == 3 and summary["steps_without_targets"] == 1 and summary["samples_seen"] == 4
