@@ -377,7 +377,8 @@ def test_an_error_on_one_rank_stops_every_rank(tiny_glm4v, shapes_data, tmp_path
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     args = overrides("glm4v", tiny_glm4v, shapes_data, tmp_path / "run", f"data.train={bad}",
-                     "data.on_bad_sample=error", "train.grad_accum=1", "data.shuffle_buffer=0")
+                     "data.on_bad_sample=error", "train.grad_accum=1", "data.shuffle_buffer=0",
+                     "data.check_first=4")  # every rank checks the first records before step 1: not line 7
     r = launch(2, "glm4v/lora.yaml", args, "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode != 0
     assert f"glmtune train: error: {bad}:7: invalid JSON" in r.stderr, r.stderr[-2000:]
