@@ -202,7 +202,12 @@ def test_eval_chat_and_check(trained, tiny_glm41v, shapes_data, tmp_path):
     assert file_report["samples"] == 1 and file_report["bad_samples"] == 2
     assert [b["source"] for b in file_report["bad"]] == [f"{bad}:2", f"{bad}:3"]
     assert file_report["image_tokens"]["max"] == 16 and file_report["tokens"]["max"] > 16
-    assert result["ok"]  # quickstart policy is skip
+    # 2 of 3 bad is over data.max_bad_fraction (0.5): training would stop before step 1, and check says so
+    assert not result["ok"] and lines[-1].startswith(
+        f"check: training would stop before step 1: {bad}: 2 of the first 3 records are bad samples")
+    recipe = load_recipe(RECIPE, [f"model.path={tiny_glm41v}", f"data.train={bad}", "data.val=null",
+                                  "data.max_bad_fraction=0.7"])
+    assert check(recipe, print_fn=lambda s: None)["ok"]  # quickstart policy is skip
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
