@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,7 +66,11 @@ def test_visualglm_array_saved_as_jsonl_trains(tiny_visualglm, shapes_data, tmp_
     from glmtune.train import train
 
     rows = [json.loads(x) for x in (shapes_data / "train.jsonl").read_text().splitlines()[:4]]
-    array = [{"img": str(shapes_data / r["messages"][0]["image"]), "prompt": r["messages"][0]["content"],
+    images = tmp_path / "图片 é"  # non-ASCII image paths, relative to the data file
+    images.mkdir()
+    for r in rows:
+        shutil.copy(shapes_data / r["messages"][0]["image"], images / f"猫 {Path(r['messages'][0]['image']).name}")
+    array = [{"img": f"图片 é/猫 {Path(r['messages'][0]['image']).name}", "prompt": r["messages"][0]["content"],
               "label": r["messages"][1]["content"]} for r in rows]
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(array, ensure_ascii=False, indent=1))
