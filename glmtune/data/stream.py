@@ -14,8 +14,9 @@ A bad record (bad JSON, wrong fields, missing/corrupt image, too long) is either
 batch and reported in the batch's `skipped` list by the one rank that owns it, in the first epoch only (later
 epochs read the same records again: `skipped_again` counts those), so the training loop counts every bad
 record exactly once, however often the stream cycles. `check_start` reads the first records before step 1: an
-empty file, or one whose start is all or mostly bad, stops the run there instead of training on nothing. The training stream repeats epochs until the trainer stops; an evaluation
-stream (`epochs=1`) ends after one pass, its last global batch possibly short (a rank may get nothing).
+empty file, or one whose start is all or mostly bad, stops the run there instead of training on nothing. The
+training stream repeats epochs until the trainer stops; an evaluation stream (`epochs=1`) ends after one pass,
+its last global batch possibly short (a rank may get nothing).
 """
 
 from __future__ import annotations
