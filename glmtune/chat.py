@@ -109,7 +109,8 @@ def set_english(family, processor, english: bool) -> None:
     if not english:
         return
     if not hasattr(processor, "language") or getattr(processor.cfg, "eva_config", None) is None:
-        raise RecipeError(f"--english: only VisualGLM-6B has an English prompt variant, not {family.__name__}")
+        name = family.__name__.rsplit(".", 1)[-1]
+        raise RecipeError(f"--english: only VisualGLM-6B has an English prompt variant, not the {name} family")
     processor.language = "en"
 
 
