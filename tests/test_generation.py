@@ -217,7 +217,8 @@ def test_quantized_inference(request, name, bits):
 
     full = {n: nbytes(m) for n, m in model.named_modules() if n in swapped}
     small = {n: nbytes(m) for n, m in quant.named_modules() if n in swapped}
-    # int8 weights + fp32 bias and row scales; NF4: half a byte per weight + block statistics
+    # int8 weights + fp32 bias and row scales; NF4: half a byte per weight + block statistics (measured on the tiny
+    # models: 0.25-0.26 and 0.13-0.14 of the fp32 bytes)
     assert sum(small.values()) < (0.3 if bits == 8 else 0.2) * sum(full.values())
     batch = encode_batch(processor, model, conversations(name))
     with torch.no_grad():
