@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # PEFT 0.21 calls a transformers 5 property that transformers itself deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # --quant 8 on a float32 model: bitsandbytes says at every layer that it computes in fp16, as intended.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    # --quant 8 on a float32 model: bitsandbytes logs at every layer that it computes in fp16, as intended.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -195,8 +195,9 @@ def hf_generate_steps(model, batch: dict, options: GenerationOptions, eos: list[
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), streamer.cancelled, dtype=torch.bool, device=input_ids.device)
 
-    kwargs = dict(max_new_tokens=options.max_new_tokens, do_sample=False, eos_token_id=list(eos) + list(options.stop_ids),
-                  pad_token_id=pad_id, streamer=streamer, stopping_criteria=StoppingCriteriaList([Cancelled()]))
+    kwargs = dict(max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                  eos_token_id=list(eos) + list(options.stop_ids), streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([Cancelled()]))
     if options.sampling or options.repetition_penalty != 1.0:
         device = batch["input_ids"].device
         kwargs["logits_processor"] = LogitsProcessorList([_TokenRule(options, pad_id, device)])

@@ -72,6 +72,9 @@ def test_trained_model_answers_alike_in_chat_predict_and_eval(memorised, tmp_pat
     assert report["perplexity"] == pytest.approx(2.718281828 ** report["loss"])
     beside = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
     assert [x["prediction"] for x in beside] == [x["prediction"] for x in lines]
+    # the LoRA on an NF4-quantized base (--quant 4) still gives the memorised answers
+    predict(ckpt, data, tmp_path / "q.jsonl", batch_size=4, options=options, quant=4, print_fn=lambda s: None)
+    assert [x["prediction"] for x in read_jsonl(tmp_path / "q.jsonl")] == [a for _, a in QA]
 
 
 def test_predict_resumes_after_a_kill(tiny_glm4, tmp_path):
