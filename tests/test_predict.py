@@ -63,6 +63,9 @@ def test_trained_model_answers_alike_in_chat_predict_and_eval(memorised, tmp_pat
         assert chat(ckpt, prompt=q, options=options, print_fn=lambda s: None) == a
         pieces = []
         assert chat(ckpt, prompt=q, options=options, stream_fn=pieces.append) == a and "".join(pieces) == a + "\n"
+    inputs, pieces, printed = iter([QA[0][0], "clear", QA[2][0], "stop"]), [], []
+    chat(ckpt, options=options, input_fn=lambda _: next(inputs), print_fn=printed.append, stream_fn=pieces.append)
+    assert "".join(pieces) == f"\nGLM: {QA[0][1]}\n\nGLM: {QA[2][1]}\n" and "(history cleared)" in printed
     report = evaluate(ckpt, data, out=tmp_path / "eval" / "eval.json", max_samples=4, max_new_tokens=8,
                       print_fn=lambda s: None)
     assert report["exact_match"] == 1.0 and report["vqa_accuracy"] == 1.0
