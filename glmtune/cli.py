@@ -1,4 +1,4 @@
-"""`glmtune {train,check,eval,merge,chat,inspect,make-tiny}`: thin argument parsing over the modules."""
+"""`glmtune {train,check,eval,merge,chat,predict,inspect,make-tiny}`: thin argument parsing over the modules."""
 
 from __future__ import annotations
 
@@ -36,12 +36,28 @@ def cmd_check(args):
     return 0 if report["ok"] else 1
 
 
+def generation_options(args):
+    from glmtune.generation import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                             stop_ids=tuple(args.stop_id))
+
+
 def cmd_eval(args):
     from glmtune.evaluate import evaluate
 
     evaluate(args.checkpoint, args.data, out=args.out, adapter=args.adapter, max_samples=args.max_samples,
              max_new_tokens=args.max_new_tokens, data_format=args.format, on_bad_sample=args.on_bad_sample,
-             image_dir=args.image_dir)
+             image_dir=args.image_dir, batch_size=args.batch_size, options=generation_options(args), quant=args.quant)
+
+
+def cmd_predict(args):
+    from glmtune.predict import predict
+
+    predict(args.model, args.data, args.out, adapter=args.adapter, batch_size=args.batch_size,
+            data_format=args.format, image_dir=args.image_dir, on_bad_sample=args.on_bad_sample,
+            max_samples=args.max_samples, options=generation_options(args), quant=args.quant, english=args.english)
 
 
 def cmd_merge(args):
@@ -54,7 +70,12 @@ def cmd_merge(args):
 def cmd_chat(args):
     from glmtune.chat import chat
 
-    chat(args.model, image=args.image, prompt=args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens)
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    chat(args.model, image=args.image, prompt=args.prompt, adapter=args.adapter, options=generation_options(args),
+         quant=args.quant, english=args.english, stream_fn=None if args.no_stream else write)
 
 
 def cmd_inspect(args):
@@ -73,6 +94,25 @@ def cmd_make_tiny(args):
     print(f"make-tiny: wrote a tiny {args.family} checkpoint to {out}")
 
 
+def add_generation_args(s, max_new_tokens: int, english: bool = True) -> None:
+    """Decoding options shared by eval, chat and predict (greedy unless --temperature > 0)."""
+    g = s.add_argument_group("generation (greedy by default; the seed's cli_demo: --temperature 0.8 --top-p 0.4 "
+                             "--top-k 100)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per run)")
+    g.add_argument("--stop-id", type=int, action="append", default=[], help="extra token id that ends an answer "
+                   "(repeatable; the model's eos ids always do)")
+    g.add_argument("--quant", type=int, choices=[4, 8], help="load the language model's linears in 4-bit (NF4) or "
+                   "8-bit (LLM.int8) with bitsandbytes")
+    if english:
+        g.add_argument("--english", action="store_true", help="VisualGLM-6B: English prompt (Q:/A:) as the seed's "
+                       "cli_demo --english")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmtune", description="Fine-tune GLM vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true", help="also print the full report as JSON")
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("eval", help="loss and exact match of a checkpoint on a data file")
+    s = sub.add_parser("eval", help="loss, perplexity, exact match, VQA accuracy, ROUGE and BLEU on a data file")
     s.add_argument("checkpoint", help="training checkpoint folder, or a model folder (with --adapter)")
     s.add_argument("--data", required=True)
-    s.add_argument("--out", help="where to write eval.json (default: next to the checkpoint)")
+    s.add_argument("--out", help="where to write eval.json (default: next to the checkpoint); predictions.jsonl "
+                                 "goes beside it")
     s.add_argument("--adapter", help="adapter checkpoint to apply to a model folder")
     s.add_argument("--max-samples", type=int, default=200)
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=8)
+    add_generation_args(s, max_new_tokens=32, english=False)
     s.add_argument("--format", choices=["auto", "glm4", "visualglm", "llava", "sharegpt"],
                    help="data format (default: the checkpoint recipe's, else auto)")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
@@ -109,8 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter")
     s.add_argument("--image")
     s.add_argument("--prompt", help="one question, one answer; without it: interactive")
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--no-stream", action="store_true", help="print each answer whole instead of as it is generated")
+    add_generation_args(s, max_new_tokens=256)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("predict", help="batch inference over a data file into a jsonl (resumes after a kill)")
+    s.add_argument("model", help="model folder (official layout) or training checkpoint")
+    s.add_argument("--data", required=True, help="data file in a supported format; the last answer is the reference")
+    s.add_argument("--out", required=True, help="jsonl to append to; sources already in it are skipped")
+    s.add_argument("--adapter")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-samples", type=int, help="only the first N records")
+    s.add_argument("--format", default="auto", choices=["auto", "glm4", "visualglm", "llava", "sharegpt"])
+    s.add_argument("--image-dir", help="resolve relative image paths here (default: next to the data file)")
+    s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"],
+                   help="skip writes the record's error to the output instead of stopping")
+    add_generation_args(s, max_new_tokens=256)
+    s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("inspect", help="parameter names/shapes (JSON) and what a recipe would train")
     s.add_argument("model", help="folder with config.json (weights are not read)")
@@ -137,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # PEFT 0.21 calls a transformers 5 property that transformers itself deprecated; not the user's concern.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # --quant 8 on a float32 model: bitsandbytes logs at every layer that it computes in fp16, as intended.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -1,24 +1,21 @@
-"""`glmtune eval`: loss and generation metrics of a checkpoint on a data file -> eval.json."""
+"""`glmtune eval`: loss, perplexity and generation metrics of a checkpoint on a data file -> eval.json, with
+every prediction in predictions.jsonl beside it."""
 
 from __future__ import annotations
 
 import json
-import re
-import string
+from dataclasses import asdict
 from pathlib import Path
 
-from glmtune.chat import generate, load_for_inference
+from glmtune.chat import load_for_inference
 from glmtune.checkpoint import checkpoint_recipe
 from glmtune.data.formats import iter_records
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, image_base, load_sample
+from glmtune.generation import GenerationOptions, generate_text
+from glmtune.metrics import generation_metrics, normalize, perplexity
 
-
-def normalize(text: str) -> str:
-    """Exact match ignores case, surrounding whitespace and trailing punctuation, as SQuAD-style EM does."""
-    text = text.strip().lower()
-    text = text.rstrip(string.punctuation + "。！？，")
-    return re.sub(r"\s+", " ", text).strip()
+__all__ = ["evaluate", "normalize", "data_defaults"]
 
 
 def data_defaults(target: str | Path) -> dict:
@@ -31,8 +28,10 @@ def data_defaults(target: str | Path) -> dict:
 
 def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None, adapter=None,
              max_samples: int = 200, max_new_tokens: int = 32, batch_size: int = 8, data_format: str | None = None,
-             on_bad_sample: str = "error", image_dir: str | None = None, print_fn=print) -> dict:
-    """`data_format` / `image_dir` default to the checkpoint recipe's (when `target` is a training checkpoint)."""
+             on_bad_sample: str = "error", image_dir: str | None = None, print_fn=print,
+             options: GenerationOptions | None = None, quant: int | None = None) -> dict:
+    """`data_format` / `image_dir` default to the checkpoint recipe's (when `target` is a training checkpoint).
+    Generation is greedy with `max_new_tokens` unless `options` say otherwise."""
     from glmtune.train import eval_loss
 
     data = Path(data)
@@ -41,7 +40,8 @@ def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None
     defaults = data_defaults(target)
     data_format = data_format or defaults["format"]
     image_dir = image_dir or defaults["image_dir"]
-    family, model, processor = load_for_inference(target, adapter)
+    options = options or GenerationOptions(max_new_tokens)
+    family, model, processor = load_for_inference(target, adapter, quant=quant)
     spec = StreamSpec(files=[str(data)], format=data_format, image_dir=image_dir, max_length=defaults["max_length"],
                       on_bad_sample=on_bad_sample, batch_size=batch_size, epochs=1, max_records=max_samples)
     loss = eval_loss(model, processor, spec)
@@ -49,7 +49,7 @@ def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None
     pending, results, skipped = [], [], []
 
     def flush():
-        answers = generate(family, model, processor, [(s.turns[:-1], imgs) for s, imgs in pending], max_new_tokens)
+        answers = generate_text(family, model, processor, [(s.turns[:-1], imgs) for s, imgs in pending], options)
         for (s, _), pred in zip(pending, answers):
             ref = s.turns[-1].text
             results.append({"source": s.source, "question": s.turns[-2].text, "reference": ref,
@@ -72,16 +72,22 @@ def evaluate(target: str | Path, data: str | Path, out: str | Path | None = None
     if pending:
         flush()
     n = len(results)
+    scores = generation_metrics([r["prediction"] for r in results], [r["reference"] for r in results])
     report = {
         "target": str(target), "adapter": str(adapter) if adapter else None, "data": str(data),
-        "loss": loss["loss"], "loss_tokens": loss["tokens"], "samples": n,
-        "exact_match": sum(r["exact"] for r in results) / n if n else None,
+        "loss": loss["loss"], "perplexity": perplexity(loss["loss"]), "loss_tokens": loss["tokens"], "samples": n,
+        **scores, "generation": asdict(options), "quant": quant,
         "skipped": skipped, "examples": results[:20],
     }
     out = Path(out) if out else (Path(adapter or target) / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    with open(out.parent / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     em = "n/a" if report["exact_match"] is None else f"{report['exact_match']:.3f}"
-    print_fn(f"eval: loss {report['loss']:.4f} | exact match {em} on {n} samples | skipped {len(skipped)} | -> {out}")
+    rouge = "n/a" if n == 0 else f"{report['rouge-l']:.1f}"
+    print_fn(f"eval: loss {report['loss']:.4f} (ppl {report['perplexity']:.2f}) | exact match {em} | ROUGE-L {rouge} "
+             f"on {n} samples | skipped {len(skipped)} | -> {out}")
     report["path"] = str(out)
     return report

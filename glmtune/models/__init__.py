@@ -10,7 +10,9 @@ A family is a module exposing:
                                               .collate(items, pad_left) .decode(ids) .pad_id
   build_model(path, meta) -> nn.Module        the model config.json describes (meta device: no memory)
   generation_eos(model) -> list[int]
-  generate(model, batch, max_new_tokens, eos, pad_id) -> new token ids (greedy, KV cache)
+  stream(model, batch, options, eos, pad_id) -> iterator of each step's new tokens (B,): glmtune.generation's
+                                              decode loop with the family's position rule (KV cache)
+  generate(model, batch, max_new_tokens, eos, pad_id) -> new token ids (greedy)
   make_tiny(out_dir, seed) -> Path            tiny checkpoint in the official layout
 A new family plugs in by adding one line here.
 """

@@ -14,6 +14,7 @@ from glmtune.models.glm4v import (
     generation_eos,
     load_model,
     load_processor,
+    stream,
 )
 from glmtune.models.glm4v.tiny import make_tiny as _make_tiny
 
@@ -22,4 +23,4 @@ LORA_TARGETS = {"language": _VISION_TARGETS["language"]}
 make_tiny = partial(_make_tiny, vision=False)
 
 __all__ = ["COMPONENTS", "OUTPUT_LAYER", "add_prefix", "LORA_TARGETS", "build_model", "load_model",
-           "load_processor", "make_tiny", "generation_eos", "generate"]
+           "load_processor", "make_tiny", "generation_eos", "generate", "stream"]

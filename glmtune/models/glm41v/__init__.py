@@ -104,12 +104,20 @@ def build_model(path: str | Path, meta: bool = False):
         return Glm4vForConditionalGeneration(build_config(path))
 
 
+def stream(model, batch: dict, options, eos: list[int], pad_id: int):
+    """Decoding steps through transformers' generate (M-RoPE positions, KV cache), tokens chosen by
+    glmtune.generation's rule."""
+    from glmtune.generation import hf_generate_steps
+
+    return hf_generate_steps(model, batch, options, eos, pad_id)
+
+
 def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy decoding through transformers' generate (M-RoPE positions, KV cache); returns the new tokens."""
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=pad_id)
-    return out[:, batch["input_ids"].shape[1]:]
+    """Greedy new tokens (B, <= max_new_tokens)."""
+    from glmtune.generation import GenerationOptions, collect
+
+    return collect(stream(model, batch, GenerationOptions(max_new_tokens=max_new_tokens), eos, pad_id))
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "load_model", "load_processor", "make_tiny", "generation_eos",
-           "normalize_config", "build_config", "build_model", "generate"]
+           "normalize_config", "build_config", "build_model", "generate", "stream"]

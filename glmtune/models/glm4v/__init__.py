@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.models.generation import greedy_decode
+from glmtune.generation import GenerationOptions, collect, decode_steps
 from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.model import ChatGLMForConditionalGeneration
 from glmtune.models.glm4v.template import Glm4Processor
@@ -69,12 +69,17 @@ def blank_image_features(model) -> torch.Tensor:
     return tower(torch.zeros(1, model.config.vision_config.in_channels, size, size, dtype=weight.dtype))
 
 
-def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache. The next token's position continues the unexpanded prompt
+def stream(model, batch: dict, options: GenerationOptions, eos: list[int], pad_id: int):
+    """Decoding steps with the KV cache. The next token's position continues the unexpanded prompt
     positions (last position + 1) while the cache holds the expanded image positions, as upstream."""
     last = batch["position_ids"].max(dim=1).values[:, None]  # (B, 1)
-    return greedy_decode(model, batch, max_new_tokens, eos, pad_id, lambda pos: pos + 1, last)
+    return decode_steps(model, batch, options, eos, pad_id, lambda pos: pos + 1, last)
+
+
+def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
+    """Greedy new tokens (B, <= max_new_tokens)."""
+    return collect(stream(model, batch, GenerationOptions(max_new_tokens=max_new_tokens), eos, pad_id))
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model",
-           "load_processor", "make_tiny", "generation_eos", "generate"]
+           "load_processor", "make_tiny", "generation_eos", "generate", "stream"]

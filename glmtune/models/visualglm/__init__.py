@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.models.generation import greedy_decode
+from glmtune.generation import GenerationOptions, collect, decode_steps
 from glmtune.models.visualglm.config import load_config
 from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
 from glmtune.models.visualglm.template import ChatGLMProcessor
@@ -67,15 +67,20 @@ def blank_image_features(model) -> torch.Tensor:
     return model.image_encoder(torch.zeros(1, eva.in_channels, *eva.image_size, dtype=weight.dtype))
 
 
-def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache: new tokens keep the [gMASK] position, block position counts on."""
+def stream(model, batch: dict, options: GenerationOptions, eos: list[int], pad_id: int):
+    """Decoding steps with the KV cache: new tokens keep the [gMASK] position, block position counts on."""
 
     def advance(pos):  # (B, 2, 1): [position, block position]
         return torch.stack([pos[:, 0], pos[:, 1] + 1], dim=1)
 
     last = batch["position_ids"][:, :, -1:]  # left padding keeps the last column real
-    return greedy_decode(model, batch, max_new_tokens, eos, pad_id, advance, last)
+    return decode_steps(model, batch, options, eos, pad_id, advance, last)
+
+
+def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
+    """Greedy new tokens (B, <= max_new_tokens)."""
+    return collect(stream(model, batch, GenerationOptions(max_new_tokens=max_new_tokens), eos, pad_id))
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model", "load_processor",
-           "make_tiny", "generation_eos", "generate"]
+           "make_tiny", "generation_eos", "generate", "stream"]

@@ -38,6 +38,7 @@ class ChatGLMProcessor:
         self.gmask, self.sop, self.eop = t.gmask_token_id, t.bos_token_id, t.eos_token_id
         self.pad_id = t.pad_token_id
         self.image_start = len(t.encode_text("<img>"))  # upstream's pre_image
+        self.language = None  # "en" / "zh" forces VisualGLM-6B's prompt language (chat --english); None: from the text
 
     def _prompt(self, turns: list[Turn], has_image: bool, source: str) -> tuple[str, str | None]:
         """(prompt text, last answer or None)."""
@@ -52,7 +53,7 @@ class ChatGLMProcessor:
         query = texts[-1]
         if self.cfg.eva_config is None:  # ChatGLM-6B text model
             return build_prompt(query, pairs, style="chatglm"), answer
-        lang = "zh" if any(_CJK.search(x) for x in texts) else "en"
+        lang = self.language or ("zh" if any(_CJK.search(x) for x in texts) else "en")
         return build_prompt(query, pairs, lang, image=has_image, image_length=self.cfg.image_length), answer
 
     def encode(self, turns: list[Turn], images: list, source: str = "", max_length: int | None = None,
