@@ -178,6 +178,29 @@ def adapter(ckpt: Path) -> dict:
     return load_file(str(ckpt / "adapter_model.safetensors"))
 
 
+def test_workers_and_their_fork_server_leave_stop_signals_to_the_trainer(tiny_glm4, text_data):
+    """Schedulers signal every process of a job, Ctrl-C the process group: the trainer may still need batches
+    to finish its step, so DataLoader workers and fork server must not die of SIGTERM / SIGINT."""
+    from glmtune.data.stream import StreamSpec, make_loader
+    from glmtune.models import get_family
+
+    processor = get_family("glm4").load_processor(tiny_glm4)
+    spec = StreamSpec(files=[str(text_data / "train.jsonl")], format="glm4", max_length=64, batch_size=2, epochs=1)
+    expected = [b["position"] for b in make_loader(spec, processor)]
+    batches = iter(make_loader(spec, processor, num_workers=2))
+    got = [next(batches)["position"], next(batches)["position"]]  # each worker past its start (batch k: worker k % 2)
+    helpers = {pid: started for pid, started in descendants(os.getpid()).items()
+               if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    assert len(helpers) >= 3, helpers  # the fork server and its two workers
+    for pid in helpers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert alive(helpers) == list(helpers)
+    got += [b["position"] for b in batches]  # (a dead worker: "DataLoader worker exited unexpectedly")
+    assert got == expected
+
+
 def test_killed_and_stopped_runs_resume_to_the_uninterrupted_adapter(tiny_glm4, text_data, tmp_path):
     rng = random.Random(10)  # the kill points: reproducible
     ref_out, out = tmp_path / "reference", tmp_path / "run"

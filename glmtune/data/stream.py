@@ -175,7 +175,8 @@ def _forkserver():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["glmtune.data.stream"])  # imported once by the server, not by every worker
+    # imported once by the server, not by every worker; forkserver_preload: it ignores SIGTERM (read it)
+    context.set_forkserver_preload(["glmtune.data.forkserver_preload", "glmtune.data.stream"])
     return context
 
 
@@ -188,7 +189,8 @@ def _worker_init(trainer_pid: int, worker_id: int):
     multiprocessing's resource tracker) lived on forever. Here a thread waits for the trainer's end and ends
     the worker; the fork server and the resource tracker then lose their last client and exit by themselves.
     SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (schedulers signal every process of a job) are
-    the trainer's: it finishes its step, saves a checkpoint and shuts the workers down.
+    the trainer's: it finishes its step (for which it may need more batches), saves a checkpoint and shuts the
+    workers down. (The fork server ignores both too: glmtune.data.forkserver_preload.)
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
