@@ -55,10 +55,11 @@ def overrides(model: Path, data: Path, out: Path) -> list[str]:
 
 def start(args: list[str], out_log: Path, env: dict | None = None, pause_in_save: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-c", PAUSE_IN_SAVE] if pause_in_save else [sys.executable, "-m", "glmtune"]
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the reference run in this process
     with open(out_log.with_suffix(".out"), "w") as stdout, open(out_log.with_suffix(".err"), "w") as stderr:
         # own session: the test can signal the whole process group, as a terminal's Ctrl-C or a scheduler does
         return subprocess.Popen([*cmd, "train", str(RECIPE), *args], cwd=ROOT, stdout=stdout, stderr=stderr,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **threads, **(env or {})}, start_new_session=True)
 
 
 def stat(pid: int) -> tuple[str, int, int] | None:
@@ -268,3 +269,34 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_adapter(tiny_glm4, 
     assert states[0]["records"] == states[1]["records"] and states[0]["samples"] == states[1]["samples"]
     assert train_rows(out) == list(range(1, MAX_STEPS + 1))  # every step once in the metrics
     print(f"processes gone {', '.join(f'{s:.2f}' for s in gone_s)} s after SIGKILL")
+
+
+@pytest.mark.distributed
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(tiny_glm4, text_data, tmp_path):
+    """Ranks get a signal at different moments (or only one gets it): they agree on the step to stop after, else
+    one would enter the checkpoint's collectives while the other runs the next step's, and both would hang."""
+    out, log = tmp_path / "run", tmp_path / "torchrun"
+    args = [*overrides(tiny_glm4, text_data, out), "data.num_workers=0", "model.gradient_checkpointing=false"]
+    port = str(random.Random(os.getpid()).randrange(20000, 40000))
+    with open(log.with_suffix(".out"), "w") as stdout, open(log.with_suffix(".err"), "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", port, "-m", "glmtune", "train", str(RECIPE), *args], cwd=ROOT,
+                                stdout=stdout, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                start_new_session=True)
+    procs = {}
+    try:
+        wait_for(lambda: max(train_rows(out), default=0) >= 2, proc, log, "step 2")
+        procs = descendants(proc.pid)
+        rank1 = [pid for pid in procs if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(rank1) == 1, procs
+        os.kill(rank1[0], signal.SIGTERM)
+        proc.wait(timeout=600)
+        err = log.with_suffix(".err").read_text()
+        found = re.search(r"stopped by another process's signal after step (\d+) of", err)
+        assert found, err[-3000:]
+        step = int(found[1])
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["step"] == step and state["world_size"] == 2 and max(train_rows(out)) == step < MAX_STEPS
+        wait_gone(procs)
+    finally:
+        end(proc, procs)
