@@ -179,6 +179,22 @@ def adapter(ckpt: Path) -> dict:
     return load_file(str(ckpt / "adapter_model.safetensors"))
 
 
+def test_a_second_signal_stops_at_once_and_handlers_are_restored():
+    from glmtune.train import stop_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals() as received:
+            signal.raise_signal(signal.SIGINT)
+            assert received == ["SIGINT"]  # the first: a request, noted
+            signal.raise_signal(signal.SIGINT)  # the second: Ctrl-C as without glmtune
+            pytest.fail("the second SIGINT did not interrupt")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with stop_signals() as received:
+        signal.raise_signal(signal.SIGTERM)
+    assert received == ["SIGTERM"] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_workers_and_their_fork_server_leave_stop_signals_to_the_trainer(tiny_glm4, text_data):
     """Schedulers signal every process of a job, Ctrl-C the process group: the trainer may still need batches
     to finish its step, so DataLoader workers and fork server must not die of SIGTERM / SIGINT."""
