@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 
 from glmtune.config import CheckpointError, RecipeError
@@ -19,7 +21,18 @@ def cmd_train(args):
     from glmtune.train import train
 
     summary = train(load_recipe(args.recipe, args.overrides))
-    if os.environ.get("RANK", "0") != "0":  # one report per job, from the main process
+    is_main = os.environ.get("RANK", "0") == "0"  # one report per job, from the main process
+    if "stopped_by" in summary:
+        if is_main:
+            again = ["glmtune", "train", args.recipe, *[o for o in args.overrides if not o.startswith("train.resume=")],
+                     "train.resume=auto"]
+            how = (f"run: {shlex.join(again)}" if int(os.environ.get("WORLD_SIZE", 1)) == 1 else
+                   "launch the job again with the same arguments and train.resume=auto")
+            print(f"glmtune train: stopped by {summary['stopped_by']} after step {summary['steps']} of "
+                  f"{summary['max_steps']}; saved {summary['checkpoint']}; to resume, {how}", file=sys.stderr)
+        # as a shell reports a process ended by that signal, so `glmtune train ... && next` does not go on
+        return 128 + getattr(signal, summary["stopped_by"], signal.SIGTERM)
+    if not is_main:
         return
     print(f"train: {summary['steps']} steps, loss {summary['first_train_loss']:.4f} -> "
           f"{summary['final_train_loss']:.4f}, skipped {summary['skipped_samples']} bad samples")

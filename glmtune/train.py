@@ -7,10 +7,13 @@ batch is split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +175,57 @@ def setup(recipe: Recipe):
     return accelerator, family, model, processor, optimizer, scheduler, state, resume_from
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (what schedulers send before they kill) and SIGINT (Ctrl-C) ask the loop to stop: it finishes the
+    current step, saves a checkpoint and returns. A second signal does what it would without glmtune (Ctrl-C
+    twice stops at once). Yields the list of names of the signals received."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():  # Python sets handlers only there
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def on_signal(signum, frame):
+        if received:
+            restore()
+            signal.raise_signal(signum)
+            return
+        received.append(signal.Signals(signum).name)
+        if os.environ.get("RANK", "0") == "0":  # os.write: print() could re-enter a write the signal interrupted
+            os.write(2, f"\nglmtune train: {received[0]}: finishing this step, then saving a checkpoint (send "
+                        f"{received[0]} again to stop at once)\n".encode())
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_signal)
+    try:
+        yield received
+    finally:
+        restore()
+
+
+def stop_requested(received: list, world: int) -> bool:
+    """Whether a stop signal reached any process: all stop after the same step, so with several processes this
+    is a collective, every step."""
+    if world == 1:
+        return bool(received)
+    return all_reduce_sum([float(bool(received))])[0] > 0
+
+
 def train(recipe: Recipe) -> dict:
+    """The summary of the run; {"stopped_by", "steps", "checkpoint", ...} if a signal stopped it early."""
+    with stop_signals() as received:
+        return _train(recipe, received)
+
+
+def _train(recipe: Recipe, received: list) -> dict:
     from tqdm.auto import tqdm
 
     from glmtune.logging import MetricsLogger, write_summary
@@ -278,6 +331,13 @@ def train(recipe: Recipe) -> dict:
             logger.log(step, {"loss": last_eval["loss"]}, split="eval")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             checkpoint(f"checkpoint-{step}", t.keep_last)
+        if step < t.max_steps and stop_requested(received, world):
+            if not (t.save_every and step % t.save_every == 0):
+                checkpoint(f"checkpoint-{step}", t.keep_last)
+            bar.close()
+            logger.close()
+            return {"stopped_by": received[0] if received else "another process's signal", "steps": step,
+                    "max_steps": t.max_steps, "checkpoint": str(out / f"checkpoint-{step}"), "output_dir": str(out)}
     bar.close()
     if recipe.data.val:
         last_eval = eval_loss(model, processor, val_spec, val_fallback)

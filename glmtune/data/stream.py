@@ -21,8 +21,14 @@ its last global batch possibly short (a rank may get nothing).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import random
+import select
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -212,11 +218,13 @@ def make_loader(spec: StreamSpec, processor, start_record: int = 0, num_workers:
     Workers start from a fork server, not by forking the trainer: a fork copies one thread of a process whose
     other threads (gloo, DeepSpeed, OpenMP) may hold locks, and a worker forked at such a moment hung before its
     first line (seen under ZeRO-3: the rank waited for its batch forever). The stream pickles (spec + processor).
+    Each worker ends when the trainer does, killed or not (`_worker_init`).
     """
     return torch.utils.data.DataLoader(
         BatchStream(spec, processor, start_record), batch_size=None, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
         multiprocessing_context=_forkserver() if num_workers else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None,
     )
 
 
@@ -224,5 +232,45 @@ def _forkserver():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["glmtune.data.stream"])  # imported once by the server, not by every worker
+    # imported once by the server, not by every worker; forkserver_preload: it ignores SIGTERM (read it)
+    context.set_forkserver_preload(["glmtune.data.forkserver_preload", "glmtune.data.stream"])
     return context
+
+
+def _worker_init(trainer_pid: int, worker_id: int):
+    """First thing in every DataLoader worker: end with the trainer, and leave stopping to it.
+
+    A worker is a child of the fork server, not of the trainer, so PyTorch's own watchdog (is my parent alive?)
+    never sees the trainer die; and the fork server only exits once every process holding its "alive" pipe is
+    gone, which includes the workers. So after a SIGKILL of the trainer, workers and fork server (and
+    multiprocessing's resource tracker) lived on forever. Here a thread waits for the trainer's end and ends
+    the worker; the fork server and the resource tracker then lose their last client and exit by themselves.
+    SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (schedulers signal every process of a job) are
+    the trainer's: it finishes its step (for which it may need more batches), saves a checkpoint and shuts the
+    workers down. (The fork server ignores both too: glmtune.data.forkserver_preload.)
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="glmtune-exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int):
+    """Block until process `pid` has ended, then end this process at once."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has ended, whoever its parent is
+    except ProcessLookupError:
+        os._exit(1)  # the trainer died before this worker got here
+    except (AttributeError, OSError):  # no pidfd (macOS, old kernels, some sandboxes): poll
+        while _alive(pid):
+            time.sleep(1.0)
+        os._exit(1)
+    select.select([fd], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or its pid now another user's process
+        return False
+    return True
