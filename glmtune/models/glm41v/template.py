@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
+from glmtune.data.batching import IGNORE, collate_columns, collate_packed, cut_to_length
 from glmtune.data.sample import IMAGE_PLACEHOLDER, Turn
 
 
@@ -108,9 +108,38 @@ class Glm41vProcessor:
         fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
         return collate_columns(items, fills, pad_left, extra=("pixel_values", "image_grid_thw"))
 
+    def positions(self, item: dict) -> torch.Tensor:
+        """(4, n) position ids of one `encode` output as the model numbers that sample alone: row 0 the sequence
+        position, rows 1-3 the M-RoPE (t, h, w) positions from transformers' own `Glm4vModel.get_rope_index`."""
+        from transformers.models.glm4v.modeling_glm4v import Glm4vModel
+
+        mrope, _ = Glm4vModel.get_rope_index(_RopeIndexConfig(self.merge), item["input_ids"][None],
+                                             item["mm_token_type_ids"][None], item.get("image_grid_thw"))
+        return torch.cat([torch.arange(item["input_ids"].shape[-1])[None], mrope[:, 0]])
+
+    def collate_packed(self, items: list[dict], max_length: int) -> dict:
+        """Pack `encode` outputs into rows of at most `max_length` tokens; `position_ids` (4, rows, width) is the
+        layout transformers reads as packed (sequence positions, then M-RoPE), with no attention mask."""
+        fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
+        return collate_packed(items, [self.positions(x) for x in items], fills, max_length,
+                              extra=("pixel_values", "image_grid_thw"))
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def image_token_count(self, item: dict) -> int:
         """Sequence positions taken by images in an `encode` output (for `glmtune check`)."""
         return int(item["mm_token_type_ids"].sum())
+
+
+class _RopeIndexConfig:
+    """What `Glm4vModel.get_rope_index` reads from the model: the config's spatial merge size and the
+    (stateless) vision position helper; lets the data workers run it without a model."""
+
+    def __init__(self, merge: int):
+        from types import SimpleNamespace
+
+        from transformers.models.glm4v.modeling_glm4v import Glm4vModel
+
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=merge))
+        self.get_vision_position_ids = lambda *a, **k: Glm4vModel.get_vision_position_ids(self, *a, **k)
