@@ -46,6 +46,7 @@ class StreamSpec:
     world_size: int = 1
     epochs: int | None = None  # None = repeat forever (training)
     max_records: int | None = None  # only the first N records of each epoch (evaluation subsets)
+    packing: bool = False  # each batch's samples packed into rows of <= max_length tokens (processor.collate_packed)
 
 
 def image_base(data_file: str | Path, image_dir: str | None) -> Path:
@@ -143,8 +144,13 @@ class BatchStream(IterableDataset):
                 continue
             truncated += int(item.pop("truncated", False))
             items.append(item)
-        batch = self.processor.collate(items) if items else None
-        tokens = int(batch["attention_mask"].sum()) if batch is not None else 0
+        if not items:
+            batch = None
+        elif self.spec.packing:
+            batch = self.processor.collate_packed(items, self.spec.max_length)
+        else:
+            batch = self.processor.collate(items)
+        tokens = sum(x["input_ids"].shape[-1] for x in items)  # real tokens (a packed batch has no attention mask)
         return {"index": b, "epoch": epoch, "batch": batch, "samples": len(items), "tokens": tokens,
                 "truncated": truncated, "skipped": skipped, "error": None}
 

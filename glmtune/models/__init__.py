@@ -30,6 +30,10 @@ FAMILIES = {
     "chatglm": "glmtune.models.chatglm",  # ChatGLM-6B, native (VisualGLM-6B's text model)
 }
 
+# Families whose processor has `collate_packed(items, max_length)` and whose model isolates packed samples
+# (after `enable_packing(model)` where the family has one): data.packing=true is accepted for these.
+PACKING_FAMILIES = ("glm41v",)
+
 
 def get_family(name: str) -> ModuleType:
     """Import a family lazily so that `glmtune --help` does not import torch/transformers."""
