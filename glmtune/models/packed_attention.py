@@ -8,6 +8,8 @@ the row's cu_seqlens. A dense block-diagonal mask gives the same numbers and is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -39,14 +41,24 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def varlen_attention(segment_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     seq_positions: torch.Tensor, scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """Causal attention per segment. q: (rows, heads, width, dim), k/v: (rows, kv_heads, width, dim) ->
-    (rows, width, heads, dim). `segment_attention(q, k, v)` computes one segment ((1, heads, n, dim) slices, causal)
-    and returns (1, n, heads, dim); it is the model's own attention so a segment gets exactly what it would alone."""
-    spans = segment_spans(seq_positions)
+@dataclass
+class PackedRows:
+    """The segments of a packed batch, computed once per forward: `spans[r]` the (start, end) of row r's samples;
+    `masks[r][j]` an optional attention mask of segment j alone (None = causal), for prefix-LM models."""
+
+    spans: list[list[tuple[int, int]]]
+    masks: list[list[torch.Tensor | None]] | None = None
+
+
+def varlen_attention(segment_attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedRows,
+                     scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Attention per segment. q: (rows, heads, width, dim), k/v: (rows, kv_heads, width, dim) ->
+    (rows, width, heads, dim). `segment_attention(q, k, v, mask)` computes one segment ((1, heads, n, dim) slices;
+    mask None = causal) and returns (1, n, heads, dim): it is the model's own attention, so a segment gets
+    exactly what it would alone. On CUDA with flash-attn and causal segments: one flash-attn varlen call."""
+    spans = packed.spans
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if flash is not None:
+    if flash is not None and packed.masks is None:
         lengths = [e - s for row in spans for s, e in row]
         cu = torch.tensor([0] + lengths, device=q.device).cumsum(0, dtype=torch.int32)
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1]) for t in (q, k, v)]
@@ -54,6 +66,7 @@ def varlen_attention(segment_attention, q: torch.Tensor, k: torch.Tensor, v: tor
         return out.view(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     rows = []
     for r, row in enumerate(spans):
-        rows.append(torch.cat([segment_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e])
-                               for s, e in row], dim=1))
+        masks = packed.masks[r] if packed.masks is not None else [None] * len(row)
+        rows.append(torch.cat([segment_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e], m)
+                               for (s, e), m in zip(row, masks)], dim=1))
     return torch.cat(rows)

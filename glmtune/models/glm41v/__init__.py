@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from glmtune.models.glm41v.template import Glm41vProcessor
-from glmtune.models.packed_attention import varlen_attention
+from glmtune.models.packed_attention import PackedRows, segment_spans, varlen_attention
 from glmtune.models.glm41v.tiny import make_tiny
 
 # Component -> module-name prefixes (official names). A parameter belongs to the longest matching prefix.
@@ -109,10 +109,11 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if attention_mask is not None or seq_positions is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
-    def one(q, k, v):
+    def one(q, k, v, _):
         return sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True)[0]
 
-    return varlen_attention(one, query, key, value, seq_positions, scaling, dropout), None
+    packed = PackedRows(segment_spans(seq_positions))  # per layer: transformers passes only the positions
+    return varlen_attention(one, query, key, value, packed, scaling, dropout), None
 
 
 def _packed_mask(*args, attention_mask=None, **kwargs):
