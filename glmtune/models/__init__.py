@@ -32,7 +32,7 @@ FAMILIES = {
 
 # Families whose processor has `collate_packed(items, max_length)` and whose model isolates packed samples
 # (after `enable_packing(model)` where the family has one): data.packing=true is accepted for these.
-PACKING_FAMILIES = ("glm41v",)
+PACKING_FAMILIES = ("glm41v", "glm4v", "glm4", "visualglm", "chatglm")
 
 
 def get_family(name: str) -> ModuleType:
