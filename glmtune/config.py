@@ -75,6 +75,9 @@ class DataConfig:
     # several samples share a row of up to max_length tokens, each attending only to itself (positions restart
     # per sample); each micro-batch's samples go into as few rows as possible
     packing: bool = False
+    # > 0: a micro-batch holds as many consecutive records as fit in this many tokens (incl. image tokens; at
+    # least one record) instead of train.batch_size records, so memory per step stays flat; >= max_length
+    batch_tokens: int = 0
 
 
 @dataclass
@@ -270,6 +273,10 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     if recipe.data.packing and recipe.model.family not in PACKING_FAMILIES:
         fail("data.packing", f"is true but family `{recipe.model.family}` does not support packing yet (supported: "
                              f"{', '.join(PACKING_FAMILIES)}); set data.packing=false")
+    if recipe.data.batch_tokens and recipe.data.batch_tokens < recipe.data.max_length:
+        fail("data.batch_tokens", f"is {recipe.data.batch_tokens}, smaller than data.max_length="
+                                  f"{recipe.data.max_length}: a full-length sample would not fit; use 0 (off) or "
+                                  f"a value >= data.max_length")
     if recipe.data.packing and recipe.adapter.method == "ptuning":
         fail("data.packing", "is true with adapter.method=ptuning: the learned prefix would be shared by every "
                              "sample of a row; set data.packing=false")
@@ -284,7 +291,7 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(key, f"is {value}, must be >= 1")
     for key, value in {"train.save_every": recipe.train.save_every, "train.eval_every": recipe.train.eval_every,
                        "train.keep_last": recipe.train.keep_last, "data.num_workers": recipe.data.num_workers,
-                       "data.shuffle_buffer": recipe.data.shuffle_buffer,
+                       "data.shuffle_buffer": recipe.data.shuffle_buffer, "data.batch_tokens": recipe.data.batch_tokens,
                        "data.max_eval_samples": recipe.data.max_eval_samples,
                        "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
         if value < 0:

@@ -78,7 +78,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: bool) -> StreamSpec:
     d = recipe.data
     return StreamSpec(files=files, format=d.format, image_dir=d.image_dir, max_length=d.max_length,
-                      on_bad_sample=d.on_bad_sample, packing=d.packing,
+                      on_bad_sample=d.on_bad_sample, packing=d.packing, batch_tokens=d.batch_tokens,
                       batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
                       seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1,
                       max_records=None if train else d.max_eval_samples)

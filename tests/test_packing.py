@@ -38,11 +38,24 @@ def segments_of(seq: torch.Tensor):
     return [(r, s, e - s) for r, row in enumerate(segment_spans(seq)) for s, e in row]
 
 
-def test_pack_rows_first_fit_decreasing():
-    assert pack_rows([5, 3, 4, 2], 8) == [[0, 1], [2, 3]]
-    assert pack_rows([9, 1], 8) == [[0, 1]] or pack_rows([9, 1], 8) == [[0], [1]]
-    assert sorted(i for row in pack_rows([7, 7, 1, 1, 6, 2], 8) for i in row) == list(range(6))
-    assert all(sum([7, 7, 1, 1, 6, 2][i] for i in row) <= 8 for row in pack_rows([7, 7, 1, 1, 6, 2], 8))
+def test_pack_rows_fewest_balanced_rows():
+    assert pack_rows([5, 3, 4, 2], 8) == [[0, 3], [2, 1]]  # two rows of 7, not 8 + 6
+    assert pack_rows([9, 1], 8) == [[0], [1]]  # too long for any row: a row of its own
+    lengths = [7, 7, 1, 1, 6, 2]
+    rows = pack_rows(lengths, 8)
+    assert sorted(i for row in rows for i in row) == list(range(6)) and len(rows) == 3
+    assert all(sum(lengths[i] for i in row) <= 8 for row in rows)
+
+
+def test_packing_recipe_errors(tmp_path):
+    from glmtune.config import RecipeError, load_recipe
+
+    base = [f"model.family=glm41v", f"model.path={tmp_path}", f"data.train={tmp_path}/t.jsonl"]
+    with pytest.raises(RecipeError, match="data.batch_tokens.*smaller than data.max_length=1024"):
+        load_recipe(None, base + ["data.batch_tokens=512"], check_files=False)
+    with pytest.raises(RecipeError, match="data.packing.*ptuning"):
+        load_recipe(None, base + ["data.packing=true", "adapter.method=ptuning", "adapter.components.language=frozen"],
+                    check_files=False)
 
 
 def _glm41v_items(proc):
@@ -181,3 +194,106 @@ def test_glm41v_packed_training_equals_unpacked_and_resumes_exactly(tiny_glm41v,
     train(_recipe(tiny_glm41v, shapes_data, resumed, *packing, "train.resume=auto"))
     x, y = (load_file(str(d / "checkpoint-final" / "adapter_model.safetensors")) for d in (tmp_path / "packed", resumed))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("name", ["glm41v", "glm4v", "visualglm"])
+def test_token_count_equals_encoded_length(name, request):
+    """Token budgets count a record's tokens from its text and image sizes alone: exactly what encode gives."""
+    proc = get_family(name).load_processor(request.getfixturevalue(f"tiny_{name}"))
+    sizes = [(112, 112), (200, 100), (37, 301), (640, 480)]
+    for size in sizes if name == "glm41v" else sizes[:1]:
+        image = Image.new("RGB", size, (90, 90, 200))
+        for turns, images in [([U("<image>What is it?"), A("a plain rectangle")], [image]),
+                              ([U("hi"), A("hello"), U("and?"), A("more words here")], [])]:
+            assert proc.token_count(turns, [im.size for im in images]) == proc.encode(turns, images)["input_ids"].shape[-1]
+
+
+def _lognormal_lengths(n: int, seed: int = 0) -> list[int]:
+    """The issue's long-tail mix: answers log-normal with median 80 and p90 310 tokens, at most 1170."""
+    import math
+    import random
+
+    rng, sigma = random.Random(seed), math.log(310 / 80) / 1.2816  # p90 = median * exp(1.2816 sigma)
+    return [min(1170, max(1, int(rng.lognormvariate(math.log(80), sigma)))) for _ in range(n)]
+
+
+def test_packing_real_token_share_on_a_long_tail_mix():
+    """Target: >= 97% of a packed batch's positions are real tokens (unpacked: ~24% at batch 16)."""
+    lengths = _lognormal_lengths(4000)
+    for batch_size, max_length in [(16, 2048), (8, 4096), (64, 2048)]:
+        real = padded = 0
+        for i in range(0, len(lengths), batch_size):
+            chunk = lengths[i:i + batch_size]
+            rows = pack_rows(chunk, max_length)
+            assert sorted(j for row in rows for j in row) == list(range(len(chunk)))
+            assert all(sum(chunk[j] for j in row) <= max_length for row in rows)
+            real += sum(chunk)
+            padded += len(rows) * max(sum(chunk[j] for j in row) for row in rows)
+        assert real / padded >= 0.97, (batch_size, max_length, real / padded)
+
+
+def _budget_file(tmp_path, lengths):
+    import json
+
+    path = tmp_path / "lengths.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(n)},
+                                                     {"role": "assistant", "content": "x"}]}) + "\n"
+                            for n in lengths))
+    return path
+
+
+def test_token_budget_batches(tmp_path):
+    """Each rank's micro-batch stays within data.batch_tokens; the global order is consumed exactly once, the
+    same under any process count; resuming at a batch's position continues exactly; packed rows stay full."""
+    from glmtune.data.stream import StreamSpec, record_batches
+
+    lengths = _lognormal_lengths(300, seed=1)
+    path = _budget_file(tmp_path, lengths)
+    length_of = lambda record: int(record[1]["messages"][0]["content"])  # noqa: E731
+    budget = 4096
+
+    def run(world, start=0, epochs=1):
+        out = {}
+        for rank in range(world):
+            spec = StreamSpec(files=[str(path)], max_length=2048, batch_tokens=budget, rank=rank, world_size=world,
+                              epochs=epochs, shuffle_buffer=32, seed=3)
+            for k, _, position, records in record_batches(spec, start, length_of):
+                out[(k, rank)] = (position, [length_of(r) for r in records])
+        return out
+
+    one = run(1)
+    order = [n for k in range(len(one)) for n in one[(k, 0)][1]]
+    assert sorted(order) == sorted(lengths)  # every record once (shuffled)
+    assert all(sum(ns) <= budget for _, ns in one.values())
+    assert all(len(ns) > 1 for _, ns in one.values())  # several records per batch
+    two = run(2)
+    assert [n for key in sorted(two) for n in two[key][1]] == order  # rank 0 then rank 1: the same global order
+    assert all(sum(ns) <= budget for _, ns in two.values())
+    positions = sorted({p for p, _ in two.values()})
+    k = len(positions) // 2  # resume after global batch k-1: the rest equals the uninterrupted stream
+    resumed = run(2, start=positions[k - 1])
+    assert [v for _, v in sorted(resumed.items())] == [two[(kk + k, r)] for kk, r in sorted(resumed)]
+    # budget + packing: rows balanced to >= 97% real tokens
+    real = padded = 0
+    for _, ns in one.values():
+        rows = pack_rows(ns, 2048)
+        real, padded = real + sum(ns), padded + len(rows) * max(sum(ns[j] for j in row) for row in rows)
+    assert real / padded >= 0.97
+
+
+def test_token_budget_stream_with_images(tiny_glm41v, shapes_data):
+    """The real stream: record lengths come from image headers, every packed batch holds at
+    most data.batch_tokens real tokens, and the records are all read once."""
+    from glmtune.data.stream import BatchStream, StreamSpec
+
+    proc = get_family("glm41v").load_processor(tiny_glm41v)
+    spec = StreamSpec(files=[str(shapes_data / "train.jsonl")], format="glm4", max_length=128, batch_tokens=300,
+                      packing=True, epochs=1, max_records=24)
+    batches = list(BatchStream(spec, proc))
+    assert sum(b["samples"] for b in batches) == 24 == batches[-1]["position"]
+    for b in batches:
+        assert 1 < b["samples"] and b["tokens"] <= 300 and "attention_mask" not in b["batch"]
+        assert b["batch"]["input_ids"].shape[-1] <= 128
+    # the budget is used: no batch could have taken the next record
+    sizes = [b["tokens"] for b in batches]
+    assert min(sizes[:-1]) > 300 - 128

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from glmtune.data.sample import SampleError
@@ -58,18 +60,23 @@ def collate_columns(items: list[dict], fills: dict[str, object], pad_left: bool,
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Sample indices per row: first-fit by decreasing length into rows of at most `max_length` tokens
-    (a sample longer than `max_length` gets a row of its own). Deterministic: ties keep the input order."""
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
-        if j is None:
-            rows.append([i])
-            room.append(max_length - lengths[i])
-        else:
+    """Sample indices per row, rows of at most `max_length` tokens, as few and as evenly filled as possible
+    (the batch is padded to its longest row): start from ceil(total / max_length) rows, place samples longest
+    first into the least-filled row, add a row whenever one does not fit. A sample longer than `max_length`
+    (only a caller that did not truncate) gets a row of its own. Deterministic: ties go to the lowest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+    n = max(1, math.ceil(sum(lengths) / max_length))
+    while True:
+        rows, load = [[] for _ in range(n)], [0] * n
+        for i in order:
+            j = min(range(n), key=load.__getitem__)
+            if load[j] and load[j] + lengths[i] > max_length:
+                break
             rows[j].append(i)
-            room[j] -= lengths[i]
-    return rows
+            load[j] += lengths[i]
+        else:
+            return [row for row in rows if row]
+        n += 1
 
 
 def collate_packed(items: list[dict], positions: list[torch.Tensor], fills: dict[str, object], max_length: int,

@@ -48,8 +48,9 @@ class Glm41vProcessor:
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    def _build(self, turns: list[Turn], grids: torch.Tensor | None, source: str, generation: bool):
-        """Token ids, per-token target flags and image flags for a conversation."""
+    def _build(self, turns: list[Turn], image_tokens: list[int], source: str, generation: bool):
+        """Token ids, per-token target flags and image flags for a conversation (`image_tokens[i]` placeholders
+        for image i)."""
         ids, target, is_image = [self.ids["gmask"], self.ids["sop"]], [False, False], [False, False]
         n_images = 0
 
@@ -68,9 +69,8 @@ class Glm41vProcessor:
                 parts = turn.text.split(IMAGE_PLACEHOLDER)
                 for i, part in enumerate(parts):
                     if i > 0:
-                        t, h, w = grids[n_images].tolist()
                         add([self.ids["boi"]])
-                        add([self.ids["image"]] * (t * h * w // self.merge**2), img=True)
+                        add([self.ids["image"]] * image_tokens[n_images], img=True)
                         add([self.ids["eoi"]])
                         n_images += 1
                     add(self.text(part))
@@ -92,7 +92,9 @@ class Glm41vProcessor:
         token and keeps at least one target; otherwise it is a SampleError (the caller's bad-sample policy).
         """
         vision = self.images(images)
-        ids, target, is_image = self._build(turns, vision.get("image_grid_thw"), source, generation)
+        grids = vision["image_grid_thw"].tolist() if vision else []
+        ids, target, is_image = self._build(turns, [t * h * w // self.merge**2 for t, h, w in grids], source,
+                                            generation)
         cols, truncated = cut_to_length({"ids": ids, "target": target, "image": is_image}, target, is_image,
                                         max_length, source, generation)
         input_ids = torch.tensor(cols["ids"], dtype=torch.long)
@@ -107,6 +109,12 @@ class Glm41vProcessor:
         """Pad a list of `encode` outputs into one batch (right padding for training, left for generation)."""
         fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
         return collate_columns(items, fills, pad_left, extra=("pixel_values", "image_grid_thw"))
+
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) from the images' (width, height) alone, for token budgets: the image
+        processor's own resize rule gives each image's patch count."""
+        patches = [self.image_processor.get_number_of_image_patches(h, w) for w, h in image_sizes]
+        return len(self._build(turns, [n // self.merge**2 for n in patches], "", False)[0])
 
     def positions(self, item: dict) -> torch.Tensor:
         """(4, n) position ids of one `encode` output as the model numbers that sample alone: row 0 the sequence

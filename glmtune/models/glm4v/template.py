@@ -113,6 +113,11 @@ class Glm4Processor:
         fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
         return collate_columns(items, fills, pad_left, extra=("images",))
 
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) without the pixels, for token budgets (an image is always
+        2 + num_patches positions)."""
+        return len(self._build(turns, bool(image_sizes), False)[0])
+
     def collate_packed(self, items: list[dict], max_length: int) -> dict:
         """Pack `encode` outputs into rows of at most `max_length` tokens: each sample keeps the 1-D positions it
         has alone (restarting at 0, its image span expanded in place); no attention mask."""

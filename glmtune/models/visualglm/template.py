@@ -91,6 +91,13 @@ class ChatGLMProcessor:
             out["truncated"] = T < len(context) + 1 + len(target)
         return out
 
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) without the pixels, for token budgets: context + [gMASK], <sop>,
+        answer, <eop>."""
+        prompt, answer = self._prompt(turns, bool(image_sizes), "")
+        return len(self.tokenizer.encode(prompt, add_special_tokens=False)) + 2 + \
+            len(self.tokenizer.encode_text(answer)) + 1
+
     def collate_packed(self, items: list[dict], max_length: int) -> dict:
         """Pack `encode` outputs into rows of at most `max_length` tokens: each sample keeps its 2-D (position,
         block) ids restarting at 0; the model gives each sample its own prefix-LM mask. No attention mask."""
