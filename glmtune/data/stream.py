@@ -14,6 +14,14 @@ A bad record (bad JSON, wrong fields, missing/corrupt image, too long) is either
 batch and reported in the batch's `skipped` list by the one rank that owns it, so the training loop counts
 every bad sample exactly once. The training stream repeats epochs until the trainer stops; an evaluation
 stream (`epochs=1`) ends after one pass, its last global batch possibly short (a rank may get nothing).
+
+Token budgets (`batch_tokens`): instead of batch_size records, a rank's micro-batch is a run of consecutive
+records whose token counts sum to at most batch_tokens (at least one record); global micro-batch k is the next
+world_size runs, rank r takes run r. The counts come from each record's text and image headers (no pixels
+decoded), computed by every rank and worker for every record, so all of them cut the same runs; the position
+is still the records consumed, and a run never spans two global batches, so resume stays exact.
+Packing (`packing`) only changes how one micro-batch's samples are laid out (processor.collate_packed), never
+which records it holds.
 """
 
 from __future__ import annotations
