@@ -7,6 +7,8 @@ attention equals the dense block-diagonal reference.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ from PIL import Image
 from glmtune.data.batching import IGNORE, pack_rows
 from glmtune.data.sample import Turn
 from glmtune.models import get_family
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def U(text):
@@ -157,8 +161,7 @@ def block_diagonal_4d(batch: dict) -> torch.Tensor:
 def _recipe(model, data, out, *extra):
     from glmtune.config import load_recipe
 
-    root = __import__("pathlib").Path(__file__).resolve().parent.parent
-    return load_recipe(root / "recipes" / "glm41v" / "quickstart.yaml", [
+    return load_recipe(ROOT / "recipes" / "glm41v" / "quickstart.yaml", [
         f"model.path={model}", f"data.train={data / 'train.jsonl'}", "data.val=null", f"train.output_dir={out}",
         "log.progress_bar=false", "log.report_to=[jsonl]", "train.batch_size=4", "data.shuffle_buffer=16",
         "data.num_workers=0", "train.resume=never", "adapter.dropout=0.0", "train.max_steps=3", "train.lr=5e-3",
@@ -297,3 +300,25 @@ def test_token_budget_stream_with_images(tiny_glm41v, shapes_data):
     # the budget is used: no batch could have taken the next record
     sizes = [b["tokens"] for b in batches]
     assert min(sizes[:-1]) > 300 - 128
+
+
+@pytest.mark.distributed
+def test_glm41v_packed_under_ddp_equals_one_process(tiny_glm41v, shapes_data, tmp_path):
+    """2 processes (torchrun, DDP), packed, batch 2 each: the loss curve and adapter of 1 unpacked process with
+    batch 4 (the ranks' samples are packed apart, the loss is normalised over the global step as before)."""
+    from test_distributed import FAMILIES, assert_same_adapter, assert_same_curve, free_port, launch, overrides
+
+    from glmtune.config import load_recipe
+    from glmtune.train import train
+
+    recipe = FAMILIES["glm41v"][0]
+    single = tmp_path / "single"
+    train(load_recipe(ROOT / "recipes" / recipe, overrides("glm41v", tiny_glm41v, shapes_data, single,
+                                                           "train.batch_size=4", "data.num_workers=0")))
+    out = tmp_path / "packed"
+    args = overrides("glm41v", tiny_glm41v, shapes_data, out, "train.distributed=ddp", "data.packing=true",
+                     "data.max_length=256")
+    r = launch(2, recipe, args, "--master", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_curve(single, out, atol=1e-5)  # train and eval losses; measured max diff MEASURE
+    assert_same_adapter(single / "checkpoint-final", out / "checkpoint-final", atol=1e-5)
