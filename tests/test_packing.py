@@ -320,5 +320,7 @@ def test_glm41v_packed_under_ddp_equals_one_process(tiny_glm41v, shapes_data, tm
                      "data.max_length=256")
     r = launch(2, recipe, args, "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_curve(single, out, atol=1e-5)  # train and eval losses; measured max diff MEASURE
-    assert_same_adapter(single / "checkpoint-final", out / "checkpoint-final", atol=1e-5)
+    # measured: losses within 2.5e-7, adapter weights within 1.0e-5 (4 Adam steps at lr 1e-2 turn ~1e-6 gradient
+    # differences into ~lr-sized relative ones); bounds 1e-5 and 1e-4 as the other 2-process tests use
+    assert_same_curve(single, out, atol=1e-5)
+    assert_same_adapter(single / "checkpoint-final", out / "checkpoint-final", atol=1e-4)
