@@ -8,6 +8,10 @@ A family is a module exposing:
   load_model(path, dtype) -> nn.Module        official checkpoint folder -> model (eval mode)
   load_processor(path) -> processor           .encode(turns, images, source, max_length, generation)
                                               .collate(items, pad_left) .decode(ids) .pad_id
+                                              .collate_packed(items, max_length)   (data.packing)
+                                              .token_count(turns, image_sizes)      (data.batch_tokens)
+  enable_packing(model)                       optional: switch the model to attention that isolates packed
+                                              samples (families whose native model does so by itself lack it)
   build_model(path, meta) -> nn.Module        the model config.json describes (meta device: no memory)
   generation_eos(model) -> list[int]
   generate(model, batch, max_new_tokens, eos, pad_id) -> new token ids (greedy, KV cache)
