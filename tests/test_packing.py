@@ -54,7 +54,7 @@ def test_pack_rows_fewest_balanced_rows():
 def test_packing_recipe_errors(tmp_path):
     from glmtune.config import RecipeError, load_recipe
 
-    base = [f"model.family=glm41v", f"model.path={tmp_path}", f"data.train={tmp_path}/t.jsonl"]
+    base = ["model.family=glm41v", f"model.path={tmp_path}", f"data.train={tmp_path}/t.jsonl"]
     with pytest.raises(RecipeError, match="data.batch_tokens.*smaller than data.max_length=1024"):
         load_recipe(None, base + ["data.batch_tokens=512"], check_files=False)
     with pytest.raises(RecipeError, match="data.packing.*ptuning"):
@@ -195,7 +195,8 @@ def test_glm41v_packed_training_equals_unpacked_and_resumes_exactly(tiny_glm41v,
     resumed.mkdir()
     shutil.copytree(tmp_path / "packed" / "checkpoint-2", resumed / "checkpoint-2")
     train(_recipe(tiny_glm41v, shapes_data, resumed, *packing, "train.resume=auto"))
-    x, y = (load_file(str(d / "checkpoint-final" / "adapter_model.safetensors")) for d in (tmp_path / "packed", resumed))
+    x, y = (load_file(str(d / "checkpoint-final" / "adapter_model.safetensors"))
+            for d in (tmp_path / "packed", resumed))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -208,7 +209,8 @@ def test_token_count_equals_encoded_length(name, request):
         image = Image.new("RGB", size, (90, 90, 200))
         for turns, images in [([U("<image>What is it?"), A("a plain rectangle")], [image]),
                               ([U("hi"), A("hello"), U("and?"), A("more words here")], [])]:
-            assert proc.token_count(turns, [im.size for im in images]) == proc.encode(turns, images)["input_ids"].shape[-1]
+            encoded = proc.encode(turns, images)["input_ids"].shape[-1]
+            assert proc.token_count(turns, [im.size for im in images]) == encoded
 
 
 def _lognormal_lengths(n: int, seed: int = 0) -> list[int]:

@@ -56,7 +56,8 @@ class StreamSpec:
     epochs: int | None = None  # None = repeat forever (training)
     max_records: int | None = None  # only the first N records of each epoch (evaluation subsets)
     packing: bool = False  # each batch's samples packed into rows of <= max_length tokens (processor.collate_packed)
-    batch_tokens: int = 0  # > 0: a rank's micro-batch is a run of records of at most this many tokens (batch_size unused)
+    # > 0: a rank's micro-batch is a run of records of at most this many tokens (batch_size unused)
+    batch_tokens: int = 0
 
 
 def image_base(data_file: str | Path, image_dir: str | None) -> Path:
