@@ -77,6 +77,12 @@ class DataConfig:
     shuffle_buffer: int = 256  # 0 or 1 = keep file order
     num_workers: int = 1  # DataLoader workers that decode images
     max_eval_samples: int = 200  # cap for the periodic eval loss and final metrics
+    # several samples share a row of up to max_length tokens, each attending only to itself (positions restart
+    # per sample); each micro-batch's samples go into as few rows as possible
+    packing: bool = False
+    # > 0: a micro-batch holds as many consecutive records as fit in this many tokens (incl. image tokens; at
+    # least one record) instead of train.batch_size records, so memory per step stays flat; >= max_length
+    batch_tokens: int = 0
 
 
 @dataclass
@@ -225,7 +231,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check
 
 
 def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
-    from glmtune.models import FAMILIES
+    from glmtune.models import FAMILIES, PACKING_FAMILIES
 
     def fail(key: str, msg: str):
         raise RecipeError(f"{where}: `{key}` {msg}")
@@ -269,6 +275,16 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
         fail("train.distributed", f"is `{recipe.train.distributed}` but adapter.method is `qlora`: ZeRO-3 cannot "
                                   f"partition the 4-bit base weights; use zero2 or ddp (the 4-bit base is what "
                                   f"makes the model fit)")
+    if recipe.data.packing and recipe.model.family not in PACKING_FAMILIES:
+        fail("data.packing", f"is true but family `{recipe.model.family}` does not support packing yet (supported: "
+                             f"{', '.join(PACKING_FAMILIES)}); set data.packing=false")
+    if recipe.data.batch_tokens and recipe.data.batch_tokens < recipe.data.max_length:
+        fail("data.batch_tokens", f"is {recipe.data.batch_tokens}, smaller than data.max_length="
+                                  f"{recipe.data.max_length}: a full-length sample would not fit; use 0 (off) or "
+                                  f"a value >= data.max_length")
+    if recipe.data.packing and recipe.adapter.method == "ptuning":
+        fail("data.packing", "is true with adapter.method=ptuning: the learned prefix would be shared by every "
+                             "sample of a row; set data.packing=false")
     if "lora" not in comps.values() and "full" not in comps.values() and recipe.adapter.method != "ptuning":
         fail("adapter.components", "leaves every component frozen: nothing would train")
     positive = {"adapter.r": recipe.adapter.r, "adapter.num_virtual_tokens": recipe.adapter.num_virtual_tokens,
@@ -281,7 +297,7 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(key, f"is {value}, must be >= 1")
     for key, value in {"train.save_every": recipe.train.save_every, "train.eval_every": recipe.train.eval_every,
                        "train.keep_last": recipe.train.keep_last, "data.num_workers": recipe.data.num_workers,
-                       "data.shuffle_buffer": recipe.data.shuffle_buffer,
+                       "data.shuffle_buffer": recipe.data.shuffle_buffer, "data.batch_tokens": recipe.data.batch_tokens,
                        "data.max_eval_samples": recipe.data.max_eval_samples,
                        "adapter.dropout": recipe.adapter.dropout, "train.lr": recipe.train.lr}.items():
         if value < 0:

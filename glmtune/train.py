@@ -82,6 +82,7 @@ def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: 
     d = recipe.data
     return StreamSpec(files=files, format=d.format, image_dir=d.image_dir, max_length=d.max_length,
                       on_bad_sample=d.on_bad_sample, max_image_pixels=d.max_image_pixels,
+                      packing=d.packing, batch_tokens=d.batch_tokens,
                       batch_size=recipe.train.batch_size, shuffle_buffer=d.shuffle_buffer if train else 0,
                       seed=recipe.train.seed, rank=rank, world_size=world, epochs=None if train else 1,
                       max_records=None if train else d.max_eval_samples)
@@ -153,6 +154,8 @@ def setup(recipe: Recipe):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.enable_input_require_grads()
+    if recipe.data.packing and hasattr(family, "enable_packing"):
+        family.enable_packing(model)  # attention that keeps packed samples apart
     model = attach(model, family, recipe.adapter)
     model.train()
     processor = family.load_processor(recipe.model.path)
@@ -283,11 +286,13 @@ def _train(recipe: Recipe, received: list) -> dict:
         # uninterrupted one did, whatever else consumed randomness before (loaders, evals), with no saved state.
         torch.manual_seed(t.seed + 1_000_003 * (step + 1) + 7_919 * rank)
         micro = []  # (batch, weight): every rank runs grad_accum backward passes, or DDP would wait forever
+        real_tokens = 0  # tokens of real samples (not padding) read this step
         for _ in range(t.grad_accum):
             item = next(batches)
             stats.add(item)
             state["records"] = item["position"]
             if item["batch"] is not None:
+                real_tokens += item["tokens"]
                 last_good = _to(item["batch"], model)
                 micro.append((last_good, 1.0))
             else:  # every record of this batch was bad: a weightless pass keeps ranks in step
@@ -316,7 +321,7 @@ def _train(recipe: Recipe, received: list) -> dict:
         step += 1
         loss_total = all_reduce_sum([loss_total])[0]
         loss = loss_total / max(n_total, 1)
-        tokens_per_s = sum(int(b["attention_mask"].sum()) for b, w in micro if w) * world / max(time.time() - tic, 1e-9)
+        tokens_per_s = real_tokens * world / max(time.time() - tic, 1e-9)
         history.append(loss)
         if step % recipe.log.log_every == 0 or step == t.max_steps:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from glmtune.data.sample import SampleError
@@ -48,3 +50,68 @@ def collate_columns(items: list[dict], fills: dict[str, object], pad_left: bool,
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+# ---- packing: several samples share one row, each seeing only itself ------------------------------------------
+# A packed batch has no `attention_mask`. It carries `position_ids` in which every sample's sequence position
+# (the first row of multi-row positions) restarts at 0: a segment starts wherever that position is 0, which is how
+# the model's attention isolates the samples (glmtune.models.packed_attention). A row's right padding is left in
+# its last segment: causal attention keeps it invisible to the real tokens before it, and its labels are ignored.
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Sample indices per row, rows of at most `max_length` tokens, as few and as evenly filled as possible
+    (the batch is padded to its longest row): start from ceil(total / max_length) rows, place samples longest
+    first into the least-filled row, add a row whenever one does not fit. A sample longer than `max_length`
+    (only a caller that did not truncate) gets a row of its own. Deterministic: ties go to the lowest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+    n = max(1, math.ceil(sum(lengths) / max_length))
+    while True:
+        rows, load = [[] for _ in range(n)], [0] * n
+        for i in order:
+            j = min(range(n), key=load.__getitem__)
+            if load[j] and load[j] + lengths[i] > max_length:
+                break
+            rows[j].append(i)
+            load[j] += lengths[i]
+        else:
+            return [row for row in rows if row]
+        n += 1
+
+
+def collate_packed(items: list[dict], positions: list[torch.Tensor], fills: dict[str, object], max_length: int,
+                   extra: tuple[str, ...] = ()) -> dict:
+    """Pack `encode` outputs into as few rows of at most `max_length` tokens as possible.
+
+    `positions[i]` is item i's position ids as the model computes them for that sample alone, shape (P, n_i)
+    with row 0 the sequence position (0 at the sample's first token). Returns the per-token columns named in
+    `fills` as (rows, width), `position_ids` as (P, rows, width) (padding continues the last segment's sequence
+    positions, so it never looks like a new segment), and the `extra` tensors (images) concatenated in the order
+    their tokens appear in the packed rows. The first label of every segment is ignored: inside a row it would be
+    predicted from the previous sample's last token.
+    """
+    rows = pack_rows([x["input_ids"].shape[-1] for x in items], max_length)
+    width = max(sum(items[i]["input_ids"].shape[-1] for i in row) for row in rows)
+    keys = [k for k in fills if k in items[0]]
+    out = {k: torch.full((len(rows), width), fills[k], dtype=items[0][k].dtype) for k in keys}
+    n_pos = positions[0].shape[0]
+    pos = torch.zeros(n_pos, len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = items[i]["input_ids"].shape[-1]
+            for k in keys:
+                out[k][r, at:at + n] = items[i][k]
+            if "labels" in out:
+                out["labels"][r, at] = IGNORE
+            pos[:, r, at:at + n] = positions[i]
+            at += n
+        last = pos[:, r, at - 1:at]
+        pos[:, r, at:] = last + torch.arange(1, width - at + 1)  # padding: no 0, so no new segment
+    out["position_ids"] = pos
+    order = [i for row in rows for i in row]
+    for key in extra:
+        parts = [items[i][key] for i in order if key in items[i]]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out

@@ -17,6 +17,14 @@ record exactly once, however often the stream cycles. `check_start` reads the fi
 empty file, or one whose start is all or mostly bad, stops the run there instead of training on nothing. The
 training stream repeats epochs until the trainer stops; an evaluation stream (`epochs=1`) ends after one pass,
 its last global batch possibly short (a rank may get nothing).
+
+Token budgets (`batch_tokens`): instead of batch_size records, a rank's micro-batch is a run of consecutive
+records whose token counts sum to at most batch_tokens (at least one record); global micro-batch k is the next
+world_size runs, rank r takes run r. The counts come from each record's text and image headers (no pixels
+decoded), computed by every rank and worker for every record, so all of them cut the same runs; the position
+is still the records consumed, and a run never spans two global batches, so resume stays exact.
+Packing (`packing`) only changes how one micro-batch's samples are laid out (processor.collate_packed), never
+which records it holds.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from glmtune.data.formats import iter_records, parse_record
-from glmtune.data.images import DEFAULT_MAX_PIXELS, load_image
+from glmtune.data.images import DEFAULT_MAX_PIXELS, image_size, load_image
 from glmtune.data.sample import Sample, SampleError
 
 
@@ -56,6 +65,9 @@ class StreamSpec:
     epochs: int | None = None  # None = repeat forever (training)
     max_records: int | None = None  # only the first N records of each epoch (evaluation subsets)
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height from the header) are bad samples
+    packing: bool = False  # each batch's samples packed into rows of <= max_length tokens (processor.collate_packed)
+    # > 0: a rank's micro-batch is a run of records of at most this many tokens (batch_size unused)
+    batch_tokens: int = 0
 
 
 def image_base(data_file: str | Path, image_dir: str | None) -> Path:
@@ -101,10 +113,14 @@ def global_records(spec: StreamSpec) -> Iterator[tuple[int, tuple]]:
             return  # no data at all: stop instead of looping forever
 
 
-def record_batches(spec: StreamSpec, start_record: int = 0) -> Iterator[tuple[int, int, int, list]]:
+def record_batches(spec: StreamSpec, start_record: int = 0, length_of=None) -> Iterator[tuple[int, int, int, list]]:
     """(k, epoch, position, this rank's records) for global micro-batch k counted from `start_record`;
     `position` is the number of records consumed once this global batch is done (the resume point); each
-    record is (source, record, base, its epoch)."""
+    record is (source, record, base, its epoch).
+    With `spec.batch_tokens`, `length_of(record)` gives a record's tokens (see `token_budget_batches`)."""
+    if spec.batch_tokens:
+        yield from token_budget_batches(spec, start_record, length_of)
+        return
     size = spec.batch_size * spec.world_size
     mine = slice(spec.rank * spec.batch_size, (spec.rank + 1) * spec.batch_size)
     stream = itertools.islice(global_records(spec), start_record, None)
@@ -115,6 +131,54 @@ def record_batches(spec: StreamSpec, start_record: int = 0) -> Iterator[tuple[in
         records = chunk[mine]
         if records:  # the short last batch of a finite stream may leave nothing for this rank
             yield k, records[0][0], start_record + k * size + len(chunk), [(*r, e) for e, r in records]
+
+
+def token_budget_batches(spec: StreamSpec, start_record: int, length_of) -> Iterator[tuple[int, int, int, list]]:
+    """Global micro-batch k = `world_size` consecutive runs of the global order; each run is the longest that
+    keeps the sum of `length_of(record)` within `batch_tokens` (at least one record); rank r takes run r.
+
+    Every rank and worker computes the lengths of all records (text tokens plus image tokens from image headers,
+    no pixels decoded), so all of them cut the same runs; the resume point stays "records consumed", and a run
+    starts right after it exactly as in the uninterrupted stream (a run never spans two global batches)."""
+    stream = itertools.islice(global_records(spec), start_record, None)
+    position, carry = start_record, None
+    for k in itertools.count():
+        runs = []
+        for _ in range(spec.world_size):
+            run, tokens = [], 0
+            while True:
+                item, carry = (carry, None) if carry is not None else (next(stream, None), None)
+                if item is None:
+                    break
+                n = length_of(item[1])
+                if run and tokens + n > spec.batch_tokens:
+                    carry = item  # starts the next run
+                    break
+                run.append(item)
+                tokens += n
+            if not run:
+                break
+            runs.append(run)
+        if not runs:
+            return
+        position += sum(len(r) for r in runs)
+        if spec.rank < len(runs):
+            yield k, runs[spec.rank][0][0], position, [(*r, e) for e, r in runs[spec.rank]]
+
+
+def record_tokens(record: tuple, spec: StreamSpec, processor) -> int:
+    """Tokens of one record for token budgets, cheaply: parsed and tokenised, image sizes read from the image
+    headers; capped at max_length (what truncation leaves). A bad record counts 0 (its batch drops or stops on
+    it later, by data.on_bad_sample)."""
+    source, raw, base = record
+    try:
+        if isinstance(raw, SampleError):
+            return 0
+        sample = parse_record(raw, source, base, spec.format)
+        n = processor.token_count(sample.turns, [image_size(p, source) for p in sample.images])
+    except SampleError:
+        return 0
+    return min(n, spec.max_length)
 
 
 def load_sample(source: str, record, base: Path, fmt: str,
@@ -180,7 +244,8 @@ class BatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for k, epoch, position, records in record_batches(self.spec, self.start_record):
+        length_of = partial(record_tokens, spec=self.spec, processor=self.processor)
+        for k, epoch, position, records in record_batches(self.spec, self.start_record, length_of):
             if k % n_workers != worker:
                 continue
             out = self._encode_batch(k, epoch, records)
@@ -206,8 +271,13 @@ class BatchStream(IterableDataset):
                 continue
             truncated += int(item.pop("truncated", False))
             items.append(item)
-        batch = self.processor.collate(items) if items else None
-        tokens = int(batch["attention_mask"].sum()) if batch is not None else 0
+        if not items:
+            batch = None
+        elif self.spec.packing:
+            batch = self.processor.collate_packed(items, self.spec.max_length)
+        else:
+            batch = self.processor.collate(items)
+        tokens = sum(x["input_ids"].shape[-1] for x in items)  # real tokens (a packed batch has no attention mask)
         return {"index": b, "epoch": epoch, "batch": batch, "samples": len(items), "tokens": tokens,
                 "truncated": truncated, "skipped": skipped, "skipped_again": skipped_again, "error": None}
 

@@ -8,6 +8,10 @@ A family is a module exposing:
   load_model(path, dtype) -> nn.Module        official checkpoint folder -> model (eval mode)
   load_processor(path) -> processor           .encode(turns, images, source, max_length, generation)
                                               .collate(items, pad_left) .decode(ids) .pad_id
+                                              .collate_packed(items, max_length)   (data.packing)
+                                              .token_count(turns, image_sizes)      (data.batch_tokens)
+  enable_packing(model)                       optional: switch the model to attention that isolates packed
+                                              samples (families whose native model does so by itself lack it)
   build_model(path, meta) -> nn.Module        the model config.json describes (meta device: no memory)
   generation_eos(model) -> list[int]
   stream(model, batch, options, eos, pad_id) -> iterator of each step's new tokens (B,): glmtune.generation's
@@ -31,6 +35,10 @@ FAMILIES = {
     "visualglm": "glmtune.models.visualglm",  # VisualGLM-6B, native (ChatGLM-6B + BLIP-2)
     "chatglm": "glmtune.models.chatglm",  # ChatGLM-6B, native (VisualGLM-6B's text model)
 }
+
+# Families whose processor has `collate_packed(items, max_length)` and whose model isolates packed samples
+# (after `enable_packing(model)` where the family has one): data.packing=true is accepted for these.
+PACKING_FAMILIES = ("glm41v", "glm4v", "glm4", "visualglm", "chatglm")
 
 
 def get_family(name: str) -> ModuleType:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from glmtune.models.glm41v.template import Glm41vProcessor
+from glmtune.models.packed_attention import PackedRows, segment_spans, varlen_attention
 from glmtune.models.glm41v.tiny import make_tiny
 
 # Component -> module-name prefixes (official names). A parameter belongs to the longest matching prefix.
@@ -96,6 +97,43 @@ def blank_image_features(model) -> torch.Tensor:
     return tower(pixels, grid_thw=torch.tensor([[1, m, m]])).pooler_output
 
 
+PACKED_ATTENTION = "glmtune_packed"
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: SDPA per packed segment when the text model gets packed positions
+    (no attention mask, sequence positions restarting at 0), transformers' own SDPA otherwise (generation, padding)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seq_positions = kwargs.pop("position_ids", None)
+    if attention_mask is not None or seq_positions is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    def one(q, k, v, _):
+        return sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True)[0]
+
+    packed = PackedRows(segment_spans(seq_positions))  # per layer: transformers passes only the positions
+    return varlen_attention(one, query, key, value, packed, scaling, dropout), None
+
+
+def _packed_mask(*args, attention_mask=None, **kwargs):
+    """No mask for packed rows (the attention isolates segments); transformers' SDPA mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def enable_packing(model) -> None:
+    """Route the text model's attention through `_packed_attention` (data.packing); the vision tower is
+    per image already."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    model.config.text_config._attn_implementation = PACKED_ATTENTION
+
+
 def build_model(path: str | Path, meta: bool = False):
     """The model config.json describes, on the meta device (no memory) or with fresh weights."""
     from transformers import Glm4vForConditionalGeneration
@@ -120,4 +158,4 @@ def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: in
 
 
 __all__ = ["COMPONENTS", "LORA_TARGETS", "load_model", "load_processor", "make_tiny", "generation_eos",
-           "normalize_config", "build_config", "build_model", "generate", "stream"]
+           "normalize_config", "build_config", "build_model", "generate", "stream", "enable_packing"]

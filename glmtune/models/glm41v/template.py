@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
+from glmtune.data.batching import IGNORE, collate_columns, collate_packed, cut_to_length
 from glmtune.data.images import pad_to_aspect_ratio
 from glmtune.data.sample import IMAGE_PLACEHOLDER, Turn
 
@@ -52,8 +52,9 @@ class Glm41vProcessor:
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    def _build(self, turns: list[Turn], grids: torch.Tensor | None, source: str, generation: bool):
-        """Token ids, per-token target flags and image flags for a conversation."""
+    def _build(self, turns: list[Turn], image_tokens: list[int], source: str, generation: bool):
+        """Token ids, per-token target flags and image flags for a conversation (`image_tokens[i]` placeholders
+        for image i)."""
         ids, target, is_image = [self.ids["gmask"], self.ids["sop"]], [False, False], [False, False]
         n_images = 0
 
@@ -72,9 +73,8 @@ class Glm41vProcessor:
                 parts = turn.text.split(IMAGE_PLACEHOLDER)
                 for i, part in enumerate(parts):
                     if i > 0:
-                        t, h, w = grids[n_images].tolist()
                         add([self.ids["boi"]])
-                        add([self.ids["image"]] * (t * h * w // self.merge**2), img=True)
+                        add([self.ids["image"]] * image_tokens[n_images], img=True)
                         add([self.ids["eoi"]])
                         n_images += 1
                     add(self.text(part))
@@ -96,7 +96,9 @@ class Glm41vProcessor:
         token and keeps at least one target; otherwise it is a SampleError (the caller's bad-sample policy).
         """
         vision = self.images(images)
-        ids, target, is_image = self._build(turns, vision.get("image_grid_thw"), source, generation)
+        grids = vision["image_grid_thw"].tolist() if vision else []
+        ids, target, is_image = self._build(turns, [t * h * w // self.merge**2 for t, h, w in grids], source,
+                                            generation)
         cols, truncated = cut_to_length({"ids": ids, "target": target, "image": is_image}, target, is_image,
                                         max_length, source, generation)
         input_ids = torch.tensor(cols["ids"], dtype=torch.long)
@@ -112,9 +114,44 @@ class Glm41vProcessor:
         fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
         return collate_columns(items, fills, pad_left, extra=("pixel_values", "image_grid_thw"))
 
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) from the images' (width, height) alone, for token budgets: the image
+        processor's own resize rule gives each image's patch count."""
+        patches = [self.image_processor.get_number_of_image_patches(h, w) for w, h in image_sizes]
+        return len(self._build(turns, [n // self.merge**2 for n in patches], "", False)[0])
+
+    def positions(self, item: dict) -> torch.Tensor:
+        """(4, n) position ids of one `encode` output as the model numbers that sample alone: row 0 the sequence
+        position, rows 1-3 the M-RoPE (t, h, w) positions from transformers' own `Glm4vModel.get_rope_index`."""
+        from transformers.models.glm4v.modeling_glm4v import Glm4vModel
+
+        mrope, _ = Glm4vModel.get_rope_index(_RopeIndexConfig(self.merge), item["input_ids"][None],
+                                             item["mm_token_type_ids"][None], item.get("image_grid_thw"))
+        return torch.cat([torch.arange(item["input_ids"].shape[-1])[None], mrope[:, 0]])
+
+    def collate_packed(self, items: list[dict], max_length: int) -> dict:
+        """Pack `encode` outputs into rows of at most `max_length` tokens; `position_ids` (4, rows, width) is the
+        layout transformers reads as packed (sequence positions, then M-RoPE), with no attention mask."""
+        fills = {"input_ids": self.pad_id, "mm_token_type_ids": 0, "labels": IGNORE}
+        return collate_packed(items, [self.positions(x) for x in items], fills, max_length,
+                              extra=("pixel_values", "image_grid_thw"))
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def image_token_count(self, item: dict) -> int:
         """Sequence positions taken by images in an `encode` output (for `glmtune check`)."""
         return int(item["mm_token_type_ids"].sum())
+
+
+class _RopeIndexConfig:
+    """What `Glm4vModel.get_rope_index` reads from the model: the config's spatial merge size and the
+    (stateless) vision position helper; lets the data workers run it without a model."""
+
+    def __init__(self, merge: int):
+        from types import SimpleNamespace
+
+        from transformers.models.glm4v.modeling_glm4v import Glm4vModel
+
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=merge))
+        self.get_vision_position_ids = lambda *a, **k: Glm4vModel.get_vision_position_ids(self, *a, **k)

@@ -9,6 +9,8 @@ Images (GLM-4V): the template has already expanded each `<|begin_of_image|><|end
 span to 2 + num_patches positions and marked them in `image_mask`; the vision tower's output (learned boi,
 patches, learned eoi) replaces the embeddings there. Position ids come from the template too (all patches
 share one position id, as upstream), so the model itself needs no knowledge of the prompt format.
+Packed rows (data.packing) come without an attention mask: each sample starts where its positions restart at 0
+and attends only to itself (glmtune.models.packed_attention).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers.utils import ModelOutput
 
 from glmtune.models.glm4v.config import Glm4Config
 from glmtune.models.glm4v.vision import EVA2CLIPModel
+from glmtune.models.packed_attention import PackedRows, segment_spans, varlen_attention
 
 
 class RMSNorm(nn.Module):
@@ -79,11 +82,18 @@ class SelfAttention(nn.Module):
         present = (k, v)
         # each KV group serves H/G consecutive query heads
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        if isinstance(mask, PackedRows):  # packed samples: causal attention inside each, nothing across
+            y = varlen_attention(_causal_segment, q, k, v, mask).reshape(B, T, self.q_size)
+            return self.dense(y), present
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, self.q_size)), present
+
+
+def _causal_segment(q, k, v, _mask):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -246,6 +256,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if prefix is not None and not past_key_values:  # P-tuning v2: the prefix is the first cache entry
             past_key_values = [(k.to(x.dtype), v.to(x.dtype)) for k, v in prefix(B)]
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        packed = attention_mask is None and position_ids is not None and not past_len  # (no P-tuning prefix then)
         if position_ids is None:  # positions count the user's tokens only, never the prefix
             start = past_len - (prefix.pre_seq_len if prefix is not None else 0)
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
@@ -254,8 +265,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
         elif prefix is not None:  # callers pass the mask of their own tokens: every token sees the prefix
             attention_mask = torch.cat([attention_mask.new_ones(B, prefix.pre_seq_len), attention_mask], dim=1)
-        # no padding and no cache: plain causal attention (SDPA's fast path)
-        mask = None if not past_len and bool(attention_mask.all()) else attention_mask_4d(attention_mask, T, past_len)
+        if packed:  # a packed batch: samples start where their positions restart at 0
+            mask = PackedRows(segment_spans(position_ids))
+        elif not past_len and bool(attention_mask.all()):  # no padding and no cache: plain causal (SDPA's fast path)
+            mask = None
+        else:
+            mask = attention_mask_4d(attention_mask, T, past_len)
         hidden, presents = self.transformer.encoder(x, cos, sin, mask, past_key_values)
         logits = self.transformer.output_layer(hidden)
         return Glm4Output(logits=logits, past_key_values=presents if use_cache else None)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.data.batching import IGNORE, collate_columns, cut_to_length
+from glmtune.data.batching import IGNORE, collate_columns, collate_packed, cut_to_length
 from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
 from glmtune.models.glm4v.config import load_config
 from glmtune.models.glm4v.tokenizer import Glm4Tokenizer
@@ -112,6 +112,19 @@ class Glm4Processor:
     def collate(self, items: list[dict], pad_left: bool = False) -> dict:
         fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
         return collate_columns(items, fills, pad_left, extra=("images",))
+
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) without the pixels, for token budgets (an image is always
+        2 + num_patches positions)."""
+        return len(self._build(turns, bool(image_sizes), False)[0])
+
+    def collate_packed(self, items: list[dict], max_length: int) -> dict:
+        """Pack `encode` outputs into rows of at most `max_length` tokens: each sample keeps the 1-D positions it
+        has alone (restarting at 0, its image span expanded in place); no attention mask."""
+        fills = {"input_ids": self.pad_id, "image_mask": False, "labels": IGNORE}
+        batch = collate_packed(items, [x["position_ids"][None] for x in items], fills, max_length, extra=("images",))
+        batch["position_ids"] = batch["position_ids"][0]
+        return batch
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from glmtune.models.packed_attention import PackedRows, segment_spans, varlen_attention
 from glmtune.models.visualglm.config import ChatGLMConfig
 
 ALPHA = math.sqrt(2 * 28)  # upstream's GLMBlock gets num_layers=28 by default, whatever the config says
@@ -79,8 +80,14 @@ class SelfAttention(nn.Module):
         q, k = rope2d(q), rope2d(k)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if isinstance(mask, PackedRows):  # packed samples: each its own prefix-LM mask, nothing across
+            return self.dense(varlen_attention(_masked_segment, q, k, v, mask).reshape(B, T, C)), (k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+def _masked_segment(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -179,6 +186,15 @@ def prefix_lm_mask(attention_mask, block_positions, past_len: int, dtype):
     return torch.where(allowed, zero, torch.tensor(MASKED, dtype=dtype, device=keys.device))
 
 
+def packed_rows(position_ids, dtype) -> PackedRows:
+    """Segments of a packed (B, 2, T) batch (positions restart at 0 per sample) with each one's prefix-LM mask,
+    exactly the mask that sample gets alone."""
+    spans = segment_spans(position_ids[:, 0])
+    masks = [[prefix_lm_mask(torch.ones(1, e - s, dtype=torch.long, device=position_ids.device),
+                             position_ids[r:r + 1, 1, s:e], 0, dtype) for s, e in row] for r, row in enumerate(spans)]
+    return PackedRows(spans, masks)
+
+
 @dataclass
 class ChatGLMOutput(ModelOutput):  # a ModelOutput (a dict) so DeepSpeed ZeRO-3 hooks can see the tensors
     logits: torch.Tensor | None = None
@@ -230,9 +246,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if prefix is not None and not past_key_values:
             past_key_values = [(k.to(x.dtype), v.to(x.dtype)) for k, v in prefix(B)]
         past_len = (past_key_values[0][0].shape[2] if past_key_values else 0) - n_prefix  # the caller's tokens
+        rope = rope_2d(position_ids, self.config.head_dim, x.dtype)
+        if attention_mask is None and not past_key_values:  # packed rows (one segment if nothing is packed)
+            hidden, presents = self.transformer(x, rope, packed_rows(position_ids, x.dtype), None)
+            return ChatGLMOutput(logits=self.lm_head(hidden), past_key_values=presents if use_cache else None)
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
-        rope = rope_2d(position_ids, self.config.head_dim, x.dtype)
         mask = prefix_lm_mask(attention_mask, position_ids[:, 1], past_len, x.dtype)  # (B, 1, T, past + T)
         if n_prefix:
             mask = torch.cat([mask.new_zeros(B, 1, T, n_prefix), mask], dim=-1)

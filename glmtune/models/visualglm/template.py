@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from glmtune.data.batching import IGNORE, collate_columns
+from glmtune.data.batching import IGNORE, collate_columns, collate_packed
 from glmtune.data.sample import IMAGE_PLACEHOLDER, SampleError, Turn
 from glmtune.models.image_transforms import clip_image_tensor
 from glmtune.models.visualglm.config import load_config
@@ -91,6 +91,21 @@ class ChatGLMProcessor:
             out["labels"] = labels
             out["truncated"] = T < len(context) + 1 + len(target)
         return out
+
+    def token_count(self, turns: list[Turn], image_sizes: list[tuple[int, int]]) -> int:
+        """Length of `encode` (untruncated) without the pixels, for token budgets: context + [gMASK], <sop>,
+        answer, <eop>."""
+        prompt, answer = self._prompt(turns, bool(image_sizes), "")
+        return len(self.tokenizer.encode(prompt, add_special_tokens=False)) + 2 + \
+            len(self.tokenizer.encode_text(answer)) + 1
+
+    def collate_packed(self, items: list[dict], max_length: int) -> dict:
+        """Pack `encode` outputs into rows of at most `max_length` tokens: each sample keeps its 2-D (position,
+        block) ids restarting at 0; the model gives each sample its own prefix-LM mask. No attention mask."""
+        fills = {"input_ids": self.pad_id, "image_mask": False, "labels": IGNORE}
+        batch = collate_packed(items, [x["position_ids"] for x in items], fills, max_length, extra=("images",))
+        batch["position_ids"] = batch["position_ids"].transpose(0, 1).contiguous()  # (rows, 2, width)
+        return batch
 
     def collate(self, items: list[dict], pad_left: bool = False) -> dict:
         fills = {"input_ids": self.pad_id, "position_ids": 0, "image_mask": False, "labels": IGNORE}
