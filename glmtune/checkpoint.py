@@ -272,8 +272,10 @@ def _weight_shapes(model) -> dict[str, tuple]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     shapes = {}
     for name, p in base.named_parameters():
-        if ".lora_" in name or ".modules_to_save." in name:
+        if ".modules_to_save." in name:
             continue
+        if ".lora_" in name:  # an attached adapter (train.resume): under the name PEFT saves it with
+            name = re.sub(r"\.default(?=\.|$)", "", name)
         name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
         quant = getattr(p, "quant_state", None)
         shapes[name] = tuple(getattr(p, "ds_shape", None) or (quant.shape if quant is not None else p.shape))
@@ -329,6 +331,10 @@ def check_adapter_fits(ckpt: str | Path, family: str, base: str | Path, model, v
             dim = {"A.weight": 1, "B.weight": 0, "magnitude_vector": 0}.get(kind)
             if dim is not None and len(shape) > dim and len(want) > dim and shape[dim] != want[dim]:
                 mismatch(f"{key} has shape {list(shape)}, which does not fit {module}.weight of shape {list(want)}")
+            if name in target and target[name] != shape:  # the base fits, the attached adapter does not
+                raise CheckpointError(f"{key} in {ckpt} has shape {list(shape)}, the adapter of this run "
+                                      f"{list(target[name])}: the recipe's adapter settings (adapter.r, "
+                                      f"adapter.target...) differ from the checkpoint's recipe.yaml")
         elif name in target:
             if target[name] != shape:
                 mismatch(f"{key} has shape {list(shape)}, the receiving model's {name} is {list(target[name])}")

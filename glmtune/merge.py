@@ -108,9 +108,9 @@ def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
     base = Path(recipe.model.path)
     if out.resolve() == base.resolve():
         raise RecipeError(f"--out {out} is the base model folder; choose a new folder")
-    shards = weight_files(base)
     family = detect_family(base)  # the base folder may hold another model by now
     check_adapter_fits(ckpt, family, base, get_family(family).build_model(base, meta=True))
+    shards = weight_files(base)
     updates = adapter_updates(ckpt)
     prefix = {k: updates["replace"].pop(k) for k in list(updates["replace"]) if k.startswith(PREFIX)}
     quantized = {}
