@@ -13,8 +13,8 @@ half-written checkpoint that `resume: auto` would pick up. A checkpoint is *comp
 there and every file matches it; resume refuses anything else (DeepSpeed unpickles its own state files, so
 what it reads must be exactly what was written), `resume: auto` falls back to the newest complete one.
 The manifest is no signature: whoever can write the folder can rewrite it too; checkpoints must come from a
-trusted source. Hashing reads every file once (~1 GB/s): a 9B LoRA's adapter and optimizer state (tens of MB)
-cost well under a second, a full-weight checkpoint of a 9B model tens of seconds.
+trusted source. Hashing reads every file once (~160 MB/s measured on a loaded 2-core CPU): GLM-4-9B's r=8 LoRA
+adapter and optimizer state (~35 MB) take ~0.2 s, a full-weight 9B checkpoint (18 GB in bf16) ~2 minutes.
 """
 
 from __future__ import annotations

@@ -267,9 +267,11 @@ def train(recipe: Recipe) -> dict:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
         loss_total = all_reduce_sum([loss_total])[0]
         loss = loss_total / max(n_total, 1)
-        # the same decision on every rank: the loss is summed over ranks, the gradient norm is global
+        # the same decision on every rank: the loss is summed over ranks, the gradient norm is global. Under fp16
+        # loss scaling (GPU) an inf gradient is the scaler's signal: it skips that step and lowers its scale itself.
         grad_norm = None if grad_norm is None else float(grad_norm)
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        scaled = accelerator.scaler is not None or (deepspeed and t.mixed_precision == "fp16")
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or scaled)
         if not finite and t.on_nonfinite == "error":
             raise NonFiniteError(
                 f"step {step + 1}: non-finite loss {loss} / gradient norm {grad_norm}: stopped before anything of "

@@ -12,30 +12,36 @@ import torch
 from safetensors.torch import load_file
 
 from glmtune.checkpoint import checkpoint_problem, save_checkpoint
-from glmtune.config import CheckpointError, NonFiniteError, RecipeError, load_recipe
+from glmtune.config import CheckpointError, RecipeError, load_recipe
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "glm4" / "lora.yaml"
 
 
+def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={model}", f"data.train={data / 'train.jsonl'}", "model.dtype=float32",
+            "train.mixed_precision=no", "model.gradient_checkpointing=false", "data.max_length=64",
+            "train.batch_size=2", "train.grad_accum=1", "data.num_workers=0", "log.progress_bar=false",
+            "log.report_to=[jsonl]", "adapter.dropout=0.0", "train.lr=1e-3", "train.resume=never",
+            f"train.output_dir={out}", *extra]
+
+
 def recipe_for(model: Path, data: Path, out: Path, *extra: str):
-    return load_recipe(RECIPE, [
-        f"model.path={model}", f"data.train={data / 'train.jsonl'}", "model.dtype=float32",
-        "train.mixed_precision=no", "model.gradient_checkpointing=false", "data.max_length=64", "train.batch_size=2",
-        "train.grad_accum=1", "data.num_workers=0", "log.progress_bar=false", "log.report_to=[jsonl]",
-        "adapter.dropout=0.0", "train.lr=1e-3", "train.resume=never", f"train.output_dir={out}", *extra])
+    return load_recipe(RECIPE, overrides(model, data, out, *extra))
 
 
-def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tiny_glm4, text_data, tmp_path):
-    """lr=1e30 really diverges: the first updates are finite but huge, a later forward overflows to nan."""
-    from glmtune.train import train
+def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tiny_glm4, text_data, tmp_path, capfd):
+    """lr=1e30 really diverges: the first updates are finite but huge, a later forward overflows to nan.
+    Through the CLI in-process: one line, exit code 2."""
+    from glmtune.cli import main
 
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError) as e:
-        train(recipe_for(tiny_glm4, text_data, out, "train.lr=1e30", "train.max_steps=8", "train.save_every=1",
-                         "train.keep_last=8"))
-    message = str(e.value)
-    step = int(re.match(r"step (\d+): non-finite loss", message).group(1))
-    assert step >= 2 and "\n" not in message  # (step 3 on this machine)
+    capfd.readouterr()
+    assert main(["train", str(RECIPE), *overrides(tiny_glm4, text_data, out, "train.lr=1e30", "train.max_steps=8",
+                                                  "train.save_every=1", "train.keep_last=8")]) == 2
+    err = capfd.readouterr().err
+    (message,) = [x for x in err.splitlines() if x.startswith("glmtune train: error:")]
+    step = int(re.search(r"error: step (\d+): non-finite loss", message).group(1))
+    assert step >= 2 and "Traceback" not in err  # (step 3 on this machine)
     assert f"the last good checkpoint is {out / f'checkpoint-{step - 1}'};" in message
     written = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert written == list(range(1, step)) and not list(out.glob("*.tmp"))
@@ -106,3 +112,4 @@ def test_skip_step_under_deepspeed_is_a_recipe_error():
     with pytest.raises(RecipeError, match="must be one of \\['error', 'skip_step'\\]"):
         load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused",
                            "train.on_nonfinite=ignore"], check_files=False)
+
