@@ -204,13 +204,13 @@ def test_the_manifest_covers_every_ranks_files_and_a_changed_one_is_refused(job,
     listed = set(json.loads((ckpt / MANIFEST).read_text())["files"])
     assert listed == {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST}
     assert checkpoint_problem(ckpt) is None
-    shutil.copytree(ckpt, tmp_path / "checkpoint-2")
-    parts = sorted((tmp_path / "checkpoint-2").rglob("*optim_states.pt")) or [tmp_path / "checkpoint-2" / "optimizer.pt"]
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(ckpt, copy)
+    parts = sorted(copy.rglob("*optim_states.pt")) or [copy / "optimizer.pt"]
     assert len(parts) == (1 if job["engine"] == "ddp" else 2)
     data = parts[-1].read_bytes()
     parts[-1].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    assert checkpoint_problem(tmp_path / "checkpoint-2") == f"{parts[-1]}: corrupt or modified (its sha256 differs " \
-                                                            f"from the one in {MANIFEST})"
+    assert checkpoint_problem(copy) == f"{parts[-1]}: corrupt or modified (its sha256 differs from the one in {MANIFEST})"
 
 
 def test_resume_with_dropout_restores_every_ranks_random_state(tiny_glm4v, shapes_data, tmp_path):
