@@ -73,7 +73,7 @@ def load_for_inference(model_path: str | Path, adapter: str | Path | None = None
     """(family, model, processor) for a model folder or a training checkpoint, with an optional adapter;
     `quant` 4 or 8 loads the language model's linears quantized (bitsandbytes) before the adapter goes on."""
     from glmtune.adapters import load_trained
-    from glmtune.checkpoint import checkpoint_recipe
+    from glmtune.checkpoint import check_adapter_fits, checkpoint_recipe
 
     model_path = Path(model_path)
     if (model_path / "recipe.yaml").is_file():  # a training checkpoint: base + its own adapter
@@ -84,6 +84,8 @@ def load_for_inference(model_path: str | Path, adapter: str | Path | None = None
     else:
         family_name = detect_family(model_path)
     family = get_family(family_name)
+    if adapter is not None:  # before loading the weights: a meta-device build has the shapes
+        check_adapter_fits(adapter, family_name, model_path, family.build_model(model_path, meta=True))
     model = family.load_model(model_path, dtype)
     if quant is not None:
         if quant not in (4, 8):

@@ -29,6 +29,11 @@ class CheckpointError(ValueError):
     """A model or checkpoint folder glmtune cannot use (config, tokenizer or weight files); names the file."""
 
 
+class NonFiniteError(RecipeError):
+    """Training produced an inf/nan loss or gradient norm (train.on_nonfinite=error); names the step and the last
+    good checkpoint. A RecipeError: the fix is in the recipe (learning rate, data, the policy)."""
+
+
 @dataclass
 class ModelConfig:
     family: str = MISSING  # a key of glmtune.models.FAMILIES
@@ -96,6 +101,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
+    # inf/nan loss or gradient norm: error (stop, naming the step and the last good checkpoint) | skip_step
+    # (drop that update, count it in summary.json; not under DeepSpeed, whose engine steps inside backward)
+    on_nonfinite: str = "error"
     seed: int = 0
     save_every: int = 0  # 0 = only the final checkpoint
     eval_every: int = 0  # 0 = only at the end (when data.val is set)
@@ -132,6 +140,7 @@ CHOICES = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.distributed": ("auto", "ddp", "zero2", "zero3", "zero3_offload"),
+    "train.on_nonfinite": ("error", "skip_step"),
 }
 REPORT_TO = ("jsonl", "wandb", "tensorboard")
 LORA_METHODS = ("lora", "dora", "qlora")  # methods that put LoRA matrices on the `lora` components
@@ -285,6 +294,10 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     if recipe.data.packing and recipe.adapter.method == "ptuning":
         fail("data.packing", "is true with adapter.method=ptuning: the learned prefix would be shared by every "
                              "sample of a row; set data.packing=false")
+    if recipe.train.on_nonfinite == "skip_step" and (recipe.train.distributed.startswith("zero")
+                                                     or recipe.train.deepspeed is not None):
+        fail("train.on_nonfinite", "is `skip_step`, which DeepSpeed cannot do (its engine applies the update "
+                                   "inside backward, before the loss is known); use `error` under DeepSpeed")
     if "lora" not in comps.values() and "full" not in comps.values() and recipe.adapter.method != "ptuning":
         fail("adapter.components", "leaves every component frozen: nothing would train")
     positive = {"adapter.r": recipe.adapter.r, "adapter.num_virtual_tokens": recipe.adapter.num_virtual_tokens,

@@ -157,11 +157,12 @@ def uses_deepspeed(accelerator) -> bool:
 def deepspeed_resume_dir(ckpt: Path, accelerator, saved_world: int) -> Path:
     """The DeepSpeed state to resume from. ZeRO partitions the optimizer state by process, so after a change of
     process count DeepSpeed needs its "universal" form (one file per parameter); the main process converts the
-    checkpoint once, with DeepSpeed's own converter, into CKPT/deepspeed_universal."""
+    checkpoint at every such resume, with DeepSpeed's own converter, into CKPT/deepspeed_universal: rebuilt from
+    the deepspeed/ files that the manifest verified, never reused (DeepSpeed unpickles what it loads)."""
     if saved_world == accelerator.num_processes:
         return ckpt / "deepspeed"
     universal = ckpt / "deepspeed_universal"
-    if accelerator.is_main_process and not universal.is_dir():
+    if accelerator.is_main_process:
         import argparse
         import contextlib
         import io
@@ -176,6 +177,7 @@ def deepspeed_resume_dir(ckpt: Path, accelerator, saved_world: int) -> Path:
                                   inject_missing_state=True)  # glmtune saves no Megatron-style layout info
         with contextlib.redirect_stdout(io.StringIO()):
             to_universal(args)
+        shutil.rmtree(universal, ignore_errors=True)
         os.replace(tmp, universal)
     accelerator.wait_for_everyone()
     return universal

@@ -20,8 +20,9 @@ import torch
 
 from glmtune.adapters import FULL_WEIGHTS
 from glmtune.adapters.qlora import QUANT_FILE, nf4_roundtrip
-from glmtune.checkpoint import checkpoint_recipe
+from glmtune.checkpoint import check_adapter_fits, checkpoint_recipe
 from glmtune.config import RecipeError
+from glmtune.models import detect_family, get_family
 from glmtune.models.weights import INDEX_FILES, iter_shard, weight_files
 
 PEFT_PREFIX = "base_model.model."
@@ -107,6 +108,8 @@ def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
     base = Path(recipe.model.path)
     if out.resolve() == base.resolve():
         raise RecipeError(f"--out {out} is the base model folder; choose a new folder")
+    family = detect_family(base)  # the base folder may hold another model by now
+    check_adapter_fits(ckpt, family, base, get_family(family).build_model(base, meta=True))
     shards = weight_files(base)
     updates = adapter_updates(ckpt)
     prefix = {k: updates["replace"].pop(k) for k in list(updates["replace"]) if k.startswith(PREFIX)}

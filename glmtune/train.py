@@ -22,8 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from glmtune.adapters import attach
-from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint, saved_world_size
-from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
+from glmtune.checkpoint import (
+    check_adapter_fits,
+    disk_full_is_clear,
+    find_resume,
+    load_resume_state,
+    save_checkpoint,
+    saved_world_size,
+)
+from glmtune.config import CheckpointError, NonFiniteError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
 from glmtune.data.stream import StreamSpec, check_start, make_loader
 from glmtune.distributed import (
@@ -166,7 +173,8 @@ def setup(recipe: Recipe):
                               num_training_steps=t.max_steps)
     state = {"step": 0, "records": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": [],
              "steps_without_targets": 0}
-    if resume_from is not None:
+    if resume_from is not None:  # find_resume verified its files; now: does it fit this model?
+        check_adapter_fits(resume_from, recipe.model.family, recipe.model.path, model, verify=False)
         state.update(load_resume_state(resume_from, model, optimizer, scheduler, recipe.adapter.method))
     model, optimizer = accelerator.prepare(model, optimizer)
     if uses_deepspeed(accelerator):
@@ -260,24 +268,33 @@ def _train(recipe: Recipe, received: list) -> dict:
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (main and recipe.log.progress_bar),
                desc="train", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     started, last_eval, history = time.time(), None, []
+    if deepspeed and t.on_nonfinite == "skip_step":  # e.g. a DeepSpeed launcher under train.distributed=auto
+        raise RecipeError("train.on_nonfinite=skip_step: DeepSpeed applies the update inside backward, before the "
+                          "loss is known, so it cannot be dropped; use train.on_nonfinite=error under DeepSpeed")
+    nonfinite_steps = list(state.get("nonfinite_steps", []))  # skipped updates (skip_step), resumed runs' too
+    last_checkpoint = resume_from
 
     def checkpoint(name: str, keep):
+        nonlocal last_checkpoint
         totals = stats.totals(prior)  # a collective: every process takes part
         tmp = out / f"{name}.tmp"
         if main and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         if deepspeed:  # ZeRO partitions the optimizer: every rank writes its part (frozen base left out)
-            model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            with disk_full_is_clear(out / name):
+                model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
             accelerator.wait_for_everyone()
         # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
         full_state = gathered_trainable_state(accelerator.unwrap_model(model), main) if zero3 else None
         if main:
             position = {"step": step, "records": state["records"], "world_size": world,
-                        "steps_without_targets": state["steps_without_targets"]}
+                        "steps_without_targets": state["steps_without_targets"],
+                        "nonfinite_steps": nonfinite_steps}
             save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
                             scheduler, recipe, {**position, **totals}, keep, state_dict=full_state)
         accelerator.wait_for_everyone()
+        last_checkpoint = out / name
 
     step, last_good, fallback = state["step"], None, _to(fallback, model)
     while step < t.max_steps:
@@ -312,22 +329,43 @@ def _train(recipe: Recipe, received: list) -> dict:
                 # since the loss is already normalised by the target tokens of the whole global step
                 accelerator.backward(loss_sum * (weight * world * t.grad_accum / max(n_total, 1)))
             loss_total += weight * loss_sum.item()
-        grad_norm = None  # DeepSpeed clips by its config (gradient_clipping) inside its step
-        if t.max_grad_norm > 0 and not deepspeed:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
+        if deepspeed:  # DeepSpeed clips by its config (gradient_clipping) inside its step, run by backward
+            grad_norm = model.get_global_grad_norm()
+        else:  # max_grad_norm 0: the norm is still measured (an infinite bound never clips) for the check below
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+        loss_total = all_reduce_sum([loss_total])[0]
+        loss = loss_total / max(n_total, 1)
+        # the same decision on every rank: the loss is summed over ranks, the gradient norm is global. Under fp16
+        # loss scaling (GPU) an inf gradient is the scaler's signal: it skips that step and lowers its scale itself.
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        scaled = accelerator.scaler is not None or (deepspeed and t.mixed_precision == "fp16")
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or scaled)
+        if not finite and t.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"step {step + 1}: non-finite loss {loss} / gradient norm {grad_norm}: stopped before anything of "
+                f"this step was saved; the last good checkpoint is "
+                f"{last_checkpoint or 'none (none was written yet)'}; lower train.lr, check the data, or set "
+                f"train.on_nonfinite=skip_step to drop such updates")
+        if finite:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_total = all_reduce_sum([loss_total])[0]
-        loss = loss_total / max(n_total, 1)
+        if not finite:  # skip_step: the update is dropped, the step (its data, its lr) counts
+            nonfinite_steps.append(step)
+            if main:
+                print(f"glmtune train: step {step}: non-finite loss {loss} / gradient norm {grad_norm}: update "
+                      f"dropped (train.on_nonfinite=skip_step)", file=sys.stderr, flush=True)
         tokens_per_s = real_tokens * world / max(time.time() - tic, 1e-9)
-        history.append(loss)
+        if finite:
+            history.append(loss)
         if step % recipe.log.log_every == 0 or step == t.max_steps:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
                        "target_tokens": n_total, "skipped": len(stats.skipped)}
+            if nonfinite_steps:
+                metrics["dropped_updates"] = len(nonfinite_steps)
             if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = grad_norm
             logger.log(step, metrics)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped))
         bar.update(1)
@@ -358,6 +396,7 @@ def _train(recipe: Recipe, received: list) -> dict:
         "eval": last_eval, "samples_seen": totals["samples"], "tokens_seen": totals["tokens"],
         "truncated_samples": totals["truncated"], "skipped_samples": len(totals["skipped"]),
         "steps_without_targets": state["steps_without_targets"],
+        "nonfinite_skipped_steps": len(nonfinite_steps), "nonfinite_steps": nonfinite_steps,
         "skipped": [{"source": s, "reason": r} for s, r in totals["skipped"][:1000]],
         "wall_time_s": round(time.time() - started, 2), "memory_per_rank": memory,
         "checkpoint": str(out / "checkpoint-final"), "output_dir": str(out),

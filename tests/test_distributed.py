@@ -195,6 +195,24 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["samples_seen"] == STEPS * 2 * 4
 
 
+def test_the_manifest_covers_every_ranks_files_and_a_changed_one_is_refused(job, tmp_path):
+    """The main rank writes manifest.json after every rank's DeepSpeed files; a flipped byte in the other rank's
+    optimizer partition (which DeepSpeed would unpickle) makes the checkpoint incomplete, naming that file."""
+    from glmtune.checkpoint import MANIFEST, checkpoint_problem
+
+    ckpt = job["out"] / "checkpoint-2"
+    listed = set(json.loads((ckpt / MANIFEST).read_text())["files"])
+    assert listed == {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST}
+    assert checkpoint_problem(ckpt) is None
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(ckpt, copy)
+    parts = sorted(copy.rglob("*optim_states.pt")) or [copy / "optimizer.pt"]
+    assert len(parts) == (1 if job["engine"] == "ddp" else 2)
+    data = parts[-1].read_bytes()
+    parts[-1].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert checkpoint_problem(copy) == f"{parts[-1]}: corrupt or modified (its sha256 differs from the one in {MANIFEST})"
+
+
 def test_resume_with_dropout_restores_every_ranks_random_state(tiny_glm4v, shapes_data, tmp_path):
     """With dropout, a 2-process resume reproduces the run exactly (each step's randomness is seeded by seed,
     step and rank; the ranks draw different amounts, and loaders and evals draw some too)."""
