@@ -85,7 +85,7 @@ def test_skip_step_drops_the_update_and_counts_it(tiny_glm4, text_data, tmp_path
 
 def test_a_checkpoint_with_nonfinite_tensors_is_never_written(tmp_path):
     """The last guard, below the loop's check: save_checkpoint refuses inf/nan weights or optimizer state."""
-    recipe = load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused", "adapter.method=none",
+    recipe = load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused.jsonl", "adapter.method=none",
                                 "adapter.components.language=full"], check_files=False)
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -107,9 +107,9 @@ def test_a_checkpoint_with_nonfinite_tensors_is_never_written(tmp_path):
 
 def test_skip_step_under_deepspeed_is_a_recipe_error():
     with pytest.raises(RecipeError, match="train.on_nonfinite.*DeepSpeed"):
-        load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused", "train.distributed=zero2",
+        load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused.jsonl", "train.distributed=zero2",
                            "train.on_nonfinite=skip_step"], check_files=False)
     with pytest.raises(RecipeError, match="must be one of \\['error', 'skip_step'\\]"):
-        load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused",
+        load_recipe(None, ["model.family=glm4", "model.path=unused", "data.train=unused.jsonl",
                            "train.on_nonfinite=ignore"], check_files=False)
 
