@@ -85,19 +85,21 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["split"], r["step"], r["loss"]) for r in rows]
 
 
-def assert_same_curve(a: Path, b: Path, atol: float = 1e-4):
-    x, y = losses(a), losses(b)
+def assert_same_losses(x: list, y: list, atol: float):
     assert [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
-    for (_, _, u), (_, _, v) in zip(x, y):
-        assert abs(u - v) <= atol, (x, y)
+    torch.testing.assert_close(torch.tensor([r[2] for r in y], dtype=torch.float64),
+                               torch.tensor([r[2] for r in x], dtype=torch.float64), rtol=0, atol=atol,
+                               msg=lambda m: f"{m}\n{x}\n{y}")
+
+
+def assert_same_curve(a: Path, b: Path, atol: float = 1e-4):
+    assert_same_losses(losses(a), losses(b), atol)
 
 
 def assert_same_curve_after(a: Path, b: Path, step: int):
     x = [r for r in losses(a) if r[1] > step]
-    y = [r for r in losses(b) if r[1] > step]
-    assert x and [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
-    for (_, _, u), (_, _, v) in zip(x, y):
-        assert abs(u - v) <= 1e-5, (x, y)
+    assert x
+    assert_same_losses(x, [r for r in losses(b) if r[1] > step], 1e-5)
 
 
 def assert_same_adapter(a: Path, b: Path, atol: float):
@@ -175,7 +177,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(job, single):
     batch = proc.collate([proc.encode([Turn("user", "What colour is the shape?"), Turn("assistant", "red")], [])])
     batch.pop("labels")
     with torch.no_grad():
-        assert (model(**batch).logits - reference_model(**batch).logits).abs().max() <= 1e-4
+        torch.testing.assert_close(model(**batch).logits, reference_model(**batch).logits, rtol=0, atol=1e-4)
 
 
 def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
