@@ -13,6 +13,9 @@ from glmtune.config import load_recipe
 from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
+# merged against adapter logits: fp32 rounding only. Measured (|logits| <= 5.8) <= 2.4e-6 for GLM-4V LoRA, GLM-4
+# QLoRA and VisualGLM LoRA (AVX-512 with 1 thread, AVX2 with 2: scripts/measure_tolerances.py); bound 5e-5 (20x)
+MERGE_ATOL = 5e-5
 
 
 # recipe -> (model fixture, data fixture, recipe-specific overrides, bound on final/first loss after 16 steps)
@@ -105,7 +108,7 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
         assert merged_config.pop("pre_seq_len") == 8 and merged_config.pop("prefix_projection") is False
     assert merged_config == json.loads((model_dir / "config.json").read_text())
     merged_logits = logits(family.load_model(merged), processor, turns, images)  # strict load: same names
-    assert (merged_logits - reference).abs().max() <= 1e-5
+    torch.testing.assert_close(merged_logits, reference, rtol=0, atol=MERGE_ATOL)
 
 
 @pytest.mark.parametrize("recipe_name", ["glm4v/lora.yaml", "visualglm/lora_all.yaml", "glm4/lora.yaml",
@@ -135,8 +138,8 @@ def test_chat_and_eval(request, recipe_name, tmp_path):
 
 
 # four questions whose answers only memory gives
-MEMORY = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"), ("What colour is a lemon?", "yellow"),
-          ("What colour is blood?", "red")]
+MEMORY = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"),
+          ("What colour is a lemon?", "yellow"), ("What colour is blood?", "red")]
 
 
 def test_trained_answers_come_back_in_chat_and_eval(tiny_glm4, tmp_path):

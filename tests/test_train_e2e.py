@@ -18,7 +18,9 @@ from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "glm41v" / "quickstart.yaml"
-MERGE_ATOL = 1e-5
+# merged weights (W + BA folded in fp32) against the adapter model: rounding only. Measured here (|logits| <= 6.7)
+# <= 5.0e-6 under 1 and 2 threads, AVX-512 and AVX2 kernels (scripts/measure_tolerances.py); bound 5e-5 (10x)
+MERGE_ATOL = 5e-5
 
 
 def recipe_for(model: Path, data: Path, out: Path, *extra: str):
