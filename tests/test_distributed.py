@@ -38,6 +38,17 @@ FAMILIES = {
 }
 ENGINES = ("ddp", "zero2", "zero3", "zero3_offload")
 STEPS = 4
+# Bounds and the noise measured under them (scripts/measure_tolerances.py on GLM-4V under DDP and ZeRO-2, AVX-512
+# and AVX2 kernels; the other families and engines share the code paths and were not measured one by one):
+# - 2 processes against 1 with the global batch (summation order of the reduced gradients): loss curves
+#   (|loss| <= 2.9) <= 4.2e-6, the adapters' logits <= 2.9e-7, text-only/image ranks' adapters <= 3.0e-6;
+#   bound 1e-4 (>= 24x).
+TWO_VS_ONE_ATOL = 1e-4
+# - a resume with the same process count reproduces the run: measured exactly 0 (adapters and curves). Bounds
+#   1e-6 (adapters) and 1e-5 (curves; also after a 2 -> 1 resume, not measured) leave room for the engines not
+#   measured; a 2 -> 1 resume regroups the batches, so its adapters get TWO_VS_ONE_ATOL.
+RESUME_ATOL = 1e-6
+RESUME_CURVE_ATOL = 1e-5
 
 
 def free_port() -> int:
@@ -85,19 +96,21 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["split"], r["step"], r["loss"]) for r in rows]
 
 
-def assert_same_curve(a: Path, b: Path, atol: float = 1e-4):
-    x, y = losses(a), losses(b)
+def assert_same_losses(x: list, y: list, atol: float):
     assert [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
-    for (_, _, u), (_, _, v) in zip(x, y):
-        assert abs(u - v) <= atol, (x, y)
+    torch.testing.assert_close(torch.tensor([r[2] for r in y], dtype=torch.float64),
+                               torch.tensor([r[2] for r in x], dtype=torch.float64), rtol=0, atol=atol,
+                               msg=lambda m: f"{m}\n{x}\n{y}")
+
+
+def assert_same_curve(a: Path, b: Path, atol: float = TWO_VS_ONE_ATOL):
+    assert_same_losses(losses(a), losses(b), atol)
 
 
 def assert_same_curve_after(a: Path, b: Path, step: int):
     x = [r for r in losses(a) if r[1] > step]
-    y = [r for r in losses(b) if r[1] > step]
-    assert x and [(s, k) for s, k, _ in x] == [(s, k) for s, k, _ in y]
-    for (_, _, u), (_, _, v) in zip(x, y):
-        assert abs(u - v) <= 1e-5, (x, y)
+    assert x
+    assert_same_losses(x, [r for r in losses(b) if r[1] > step], RESUME_CURVE_ATOL)
 
 
 def assert_same_adapter(a: Path, b: Path, atol: float):
@@ -162,7 +175,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(job, single):
     assert [m["rank"] for m in ranks] == [0, 1]
     expect = {"ddp": (1.0, 1.0), "zero2": (1.0, 0.75), "zero3": (0.5, 0.75), "zero3_offload": (0.5, 0.75)}
     params, optimizer = expect[job["engine"]]
-    for m in ranks:
+    for m in ranks:  # (DeepSpeed pads its flat partitions: measured 44 bytes of 80k under ZeRO-2)
         assert m["param_bytes"] == pytest.approx(params * alone["param_bytes"], rel=0.05)
         assert m["optimizer_bytes"] == pytest.approx(optimizer * alone["optimizer_bytes"], rel=0.05)
 
@@ -175,7 +188,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(job, single):
     batch = proc.collate([proc.encode([Turn("user", "What colour is the shape?"), Turn("assistant", "red")], [])])
     batch.pop("labels")
     with torch.no_grad():
-        assert (model(**batch).logits - reference_model(**batch).logits).abs().max() <= 1e-4
+        torch.testing.assert_close(model(**batch).logits, reference_model(**batch).logits, rtol=0,
+                                   atol=TWO_VS_ONE_ATOL)
 
 
 def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
@@ -190,7 +204,7 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(job, tmp_path):
                      "train.resume=auto")
     r = launch(2, job["recipe"], args, "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_adapter(out / "checkpoint-final", resumed / "checkpoint-final", atol=1e-6)
+    assert_same_adapter(out / "checkpoint-final", resumed / "checkpoint-final", atol=RESUME_ATOL)
     assert_same_curve_after(out, resumed, 2)
     assert json.loads((resumed / "summary.json").read_text())["samples_seen"] == STEPS * 2 * 4
 
@@ -226,7 +240,8 @@ def test_resume_with_dropout_restores_every_ranks_random_state(tiny_glm4v, shape
     r = launch(2, "glm4v/lora.yaml", args(tmp_path / "resumed", "train.resume=auto"),
                "--master", f"127.0.0.1:{free_port()}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_adapter(tmp_path / "run" / "checkpoint-final", tmp_path / "resumed" / "checkpoint-final", atol=1e-6)
+    assert_same_adapter(tmp_path / "run" / "checkpoint-final", tmp_path / "resumed" / "checkpoint-final",
+                       atol=RESUME_ATOL)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -247,7 +262,7 @@ def test_resume_on_a_different_process_count(engine, tiny_glm4v, shapes_data, tm
     r = one_process("glm4v/lora.yaml", args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (one / "checkpoint-2" / "deepspeed_universal").is_dir() == (engine != "ddp")
-    assert_same_adapter(two / "checkpoint-final", one / "checkpoint-final", atol=1e-4)  # see the mixed test
+    assert_same_adapter(two / "checkpoint-final", one / "checkpoint-final", atol=TWO_VS_ONE_ATOL)
     assert_same_curve_after(two, one, 2)
     summary = json.loads((one / "summary.json").read_text())
     assert summary["samples_seen"] == STEPS * 2 * 4 and summary["resumed_from"].endswith("checkpoint-2")
@@ -308,7 +323,7 @@ def test_full_weights_under_zero(engine, tiny_glm4v, shapes_data, tmp_path):
     b = load_file(str(tmp_path / "two" / "checkpoint-final" / "full_weights.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("transformer.vision.linear_proj.") for k in a)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=TWO_VS_ONE_ATOL, msg=k)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     r = launch(2, "glm4v/lora.yaml", args(tmp_path / "resumed", f"train.distributed={engine}", "train.resume=auto"),
@@ -316,7 +331,7 @@ def test_full_weights_under_zero(engine, tiny_glm4v, shapes_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     c = load_file(str(tmp_path / "resumed" / "checkpoint-final" / "full_weights.safetensors"))
     for k in b:
-        torch.testing.assert_close(b[k], c[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(b[k], c[k], rtol=0, atol=RESUME_ATOL, msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +378,8 @@ def test_text_only_and_image_batches_on_different_ranks(family, engine, request,
     assert vision_lora and any(adapter[k].abs().max() > 0 for k in vision_lora)  # the tower's LoRA trained
     # Adam magnifies summation-order noise in near-zero gradients (a LoRA A before its B moves) to ~1e-5;
     # a lost or doubled gradient would move a weight by about one step, lr = 1e-2
-    assert_same_adapter(tmp_path / "one" / "checkpoint-final", tmp_path / "two" / "checkpoint-final", atol=1e-4)
+    assert_same_adapter(tmp_path / "one" / "checkpoint-final", tmp_path / "two" / "checkpoint-final",
+                        atol=TWO_VS_ONE_ATOL)
 
 
 def test_two_nodes_on_loopback(tiny_glm4v, shapes_data, tmp_path):

@@ -13,6 +13,9 @@ from glmtune.config import load_recipe
 from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
+# merged against adapter logits: fp32 rounding only. Measured (|logits| <= 5.8) <= 2.4e-6 for GLM-4V LoRA, GLM-4
+# QLoRA and VisualGLM LoRA (AVX-512 with 1 thread, AVX2 with 2: scripts/measure_tolerances.py); bound 5e-5 (20x)
+MERGE_ATOL = 5e-5
 
 
 # recipe -> (model fixture, data fixture, recipe-specific overrides, bound on final/first loss after 16 steps)
@@ -105,7 +108,7 @@ def test_recipe_trains_and_merge_equals_adapter_model(request, recipe_name, tmp_
         assert merged_config.pop("pre_seq_len") == 8 and merged_config.pop("prefix_projection") is False
     assert merged_config == json.loads((model_dir / "config.json").read_text())
     merged_logits = logits(family.load_model(merged), processor, turns, images)  # strict load: same names
-    assert (merged_logits - reference).abs().max() <= 1e-5
+    torch.testing.assert_close(merged_logits, reference, rtol=0, atol=MERGE_ATOL)
 
 
 @pytest.mark.parametrize("recipe_name", ["glm4v/lora.yaml", "visualglm/lora_all.yaml", "glm4/lora.yaml",
@@ -118,15 +121,52 @@ def test_chat_and_eval(request, recipe_name, tmp_path):
     model_dir, data, summary = run(request, recipe_name, tmp_path / "run", "data.format=auto")
     vision = not recipe_name.startswith(("glm4/", "chatglm/"))
     image = str(data / "images" / "val_00000.png") if vision else None
-    reply = chat(summary["checkpoint"], image=image, prompt="What colour is the shape?", max_new_tokens=3,
+    report = evaluate(summary["checkpoint"], data / "val.jsonl", out=tmp_path / "eval.json", max_samples=4,
+                      max_new_tokens=3, print_fn=lambda s: None)
+    records = [json.loads(x)["messages"] for x in (data / "val.jsonl").read_text().splitlines()[:4]]
+    assert report["samples"] == 4 and report["loss"] > 0
+    assert [e["reference"] for e in report["examples"]] == [m[-1]["content"] for m in records]
+    assert report["exact_match"] == sum(e["exact"] for e in report["examples"]) / 4
+    # 16 steps do not teach these answers (test_trained_answers_come_back_in_chat_and_eval does): chat on the first
+    # record's question (and image) decodes what eval decoded for it
+    reply = chat(summary["checkpoint"], image=image, prompt=records[0][0]["content"], max_new_tokens=3,
                  print_fn=lambda s: None)
-    assert isinstance(reply, str)
+    assert reply == report["examples"][0]["prediction"]
     printed, inputs = [], iter(["What shape is it?", "clear", "Where is it?", "stop"])
     chat(summary["checkpoint"], image=image, max_new_tokens=3, input_fn=lambda _: next(inputs), print_fn=printed.append)
     assert "(history cleared)" in printed and sum(p.startswith("\nGLM:") for p in printed) == 2
-    report = evaluate(summary["checkpoint"], data / "val.jsonl", out=tmp_path / "eval.json", max_samples=4,
-                      print_fn=lambda s: None)
-    assert report["samples"] == 4 and report["loss"] > 0 and 0 <= report["exact_match"] <= 1
+
+
+# four questions whose answers only memory gives
+MEMORY = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"),
+          ("What colour is a lemon?", "yellow"), ("What colour is blood?", "red")]
+
+
+def test_trained_answers_come_back_in_chat_and_eval(tiny_glm4, tmp_path):
+    """A LoRA that memorises four question -> answer pairs answers them in eval and in chat (from the checkpoint,
+    and from the base folder plus --adapter)."""
+    from glmtune.chat import chat
+    from glmtune.evaluate import evaluate
+    from glmtune.train import train
+
+    data = tmp_path / "memory.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in MEMORY))
+    summary = train(load_recipe(ROOT / "recipes/glm4/lora.yaml", [
+        f"model.path={tiny_glm4}", f"data.train={data}", "data.val=null", f"train.output_dir={tmp_path / 'run'}",
+        "model.dtype=float32", "train.mixed_precision=no", "model.gradient_checkpointing=false",
+        "adapter.target=[query_key_value,dense,dense_h_to_4h,dense_4h_to_h]", "adapter.dropout=0.0",
+        "train.batch_size=4", "train.grad_accum=1", "train.max_steps=24", "train.lr=2e-2",
+        "train.lr_scheduler=constant", "train.save_every=0", "data.num_workers=0", "log.progress_bar=false",
+        "train.resume=never"]))
+    ckpt = summary["checkpoint"]
+    report = evaluate(ckpt, data, out=tmp_path / "eval.json", max_new_tokens=8, print_fn=lambda s: None)
+    # every answer, exactly (loss ~0.9 after 24 steps; the same under 1 and 2 threads, AVX-512 and AVX2)
+    assert [(e["reference"], e["prediction"]) for e in report["examples"]] == [(a, a) for _, a in MEMORY]
+    assert report["exact_match"] == 1.0
+    for question, answer in MEMORY:
+        assert chat(ckpt, prompt=question, max_new_tokens=8, print_fn=lambda s: None) == answer
+    assert chat(tiny_glm4, adapter=ckpt, prompt=MEMORY[0][0], max_new_tokens=8, print_fn=lambda s: None) == "blue"
 
 
 def test_glm4_text_family_rejects_images(request, tmp_path, shapes_data):

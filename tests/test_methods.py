@@ -2,7 +2,7 @@
 
 For each: a tiny run whose loss falls (with an eval pass in the middle: on CPU a bitsandbytes eval
 forward must not break later training), a resume from the mid-run checkpoint that reproduces the final
-adapter exactly, and a merge whose logits equal the trained model's within 1e-5 in fp32 (QLoRA: the
+adapter exactly, and a merge whose logits equal the trained model's within 5e-5 in fp32 (QLoRA: the
 dequantized NF4 base + LoRA, which is what the adapter was trained against).
 """
 
@@ -20,6 +20,10 @@ from glmtune.config import load_recipe
 from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
+# merged weights against the trained model: fp32 rounding only. Measured (|logits| <= 7.7) <= 4.8e-6 (GLM-4.1V QLoRA;
+# GLM-4V DoRA 1.9e-6, P-tuning exactly 0) under 1 and 2 threads, AVX-512 and AVX2 kernels
+# (scripts/measure_tolerances.py); bound 5e-5 (10x)
+MERGE_ATOL = 5e-5
 FAMILIES = {"glm41v": ("tiny_glm41v", "glm41v/lora.yaml"), "glm4v": ("tiny_glm4v", "glm4v/lora.yaml"),
             "visualglm": ("tiny_visualglm", "visualglm/lora_all.yaml")}
 # P-tuning v2 exists for the native families (GLM-4V / GLM-4, VisualGLM-6B / ChatGLM-6B), not GLM-4.1V (see README)
@@ -93,7 +97,7 @@ def test_method_trains_resumes_and_merges(request, family, method, shapes_data, 
         expected, got = tuned(**batch).logits, merged_model(**batch).logits
         base = fam.load_model(model_dir)(**batch).logits
     assert (expected - base).abs().max() > 1e-3
-    assert (got - expected).abs().max() <= 1e-5
+    torch.testing.assert_close(got, expected, rtol=0, atol=MERGE_ATOL)
     if method == "ptuning":  # the export is the upstream form: prefix table + pre_seq_len in config.json
         assert json.loads((merged / "config.json").read_text())["pre_seq_len"] == 4
 

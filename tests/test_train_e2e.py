@@ -18,6 +18,9 @@ from glmtune.data.sample import Turn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "glm41v" / "quickstart.yaml"
+# merged weights (W + BA folded in fp32) against the adapter model: rounding only. Measured here (|logits| <= 6.7)
+# <= 5.0e-6 under 1 and 2 threads, AVX-512 and AVX2 kernels (scripts/measure_tolerances.py); bound 5e-5 (10x)
+MERGE_ATOL = 5e-5
 
 
 def recipe_for(model: Path, data: Path, out: Path, *extra: str):
@@ -88,8 +91,8 @@ def test_resume_equals_uninterrupted(trained, tiny_glm41v, shapes_data, tmp_path
     assert summary["resumed_from"] == str(tmp_path / "checkpoint-8")
     a, b = adapter_tensors(out / "checkpoint-final"), adapter_tensors(tmp_path / "checkpoint-final")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    for k in a:  # one process, one machine: the same computation, bit for bit
+        assert torch.equal(a[k], b[k]), k
     state_a = json.loads((out / "checkpoint-final" / "trainer_state.json").read_text())
     state_b = json.loads((tmp_path / "checkpoint-final" / "trainer_state.json").read_text())
     # 12 steps x 4 records (no gradient accumulation): the data position counts records, over all processes
@@ -128,7 +131,7 @@ def test_merge_equals_adapter_model_and_peft_round_trip(trained, tiny_glm41v, sh
     assert (reference - base_logits).abs().max() > 1e-2  # the adapter changes the model
 
     peft = PeftModel.from_pretrained(fam.load_model(tiny_glm41v), str(ckpt)).eval()
-    assert (logits_of(peft, proc, image) - reference).abs().max() <= 1e-5
+    torch.testing.assert_close(logits_of(peft, proc, image), reference, rtol=0, atol=MERGE_ATOL)
 
     merged_dir = merge(ckpt, tmp_path / "merged")
     base_files = sorted(p.name for p in tiny_glm41v.iterdir())
@@ -138,9 +141,9 @@ def test_merge_equals_adapter_model_and_peft_round_trip(trained, tiny_glm41v, sh
             assert sorted(a.keys()) == sorted(b.keys())
             assert all(a.get_tensor(k).dtype == b.get_tensor(k).dtype for k in a.keys())
     by_transformers = Glm4vForConditionalGeneration.from_pretrained(str(merged_dir)).eval()
-    assert (logits_of(by_transformers, proc, image) - reference).abs().max() <= 1e-5
+    torch.testing.assert_close(logits_of(by_transformers, proc, image), reference, rtol=0, atol=MERGE_ATOL)
     by_glmtune = fam.load_model(merged_dir)
-    assert (logits_of(by_glmtune, proc, image) - reference).abs().max() <= 1e-5
+    torch.testing.assert_close(logits_of(by_glmtune, proc, image), reference, rtol=0, atol=MERGE_ATOL)
 
 
 def test_method_none_trains_full_components_and_merges(tiny_glm41v, shapes_data, tmp_path, monkeypatch):
@@ -174,15 +177,20 @@ def test_eval_chat_and_check(trained, tiny_glm41v, shapes_data, tmp_path):
 
     out, _ = trained
     ckpt = out / "checkpoint-final"
-    report = evaluate(ckpt, shapes_data / "val.jsonl", out=tmp_path / "eval.json", max_samples=8,
+    report = evaluate(ckpt, shapes_data / "val.jsonl", out=tmp_path / "eval.json", max_samples=8, max_new_tokens=4,
                       print_fn=lambda s: None)
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["samples"] == 8 and 0.0 <= saved["exact_match"] <= 1.0 and saved["loss"] > 0
+    records = [json.loads(x)["messages"] for x in (shapes_data / "val.jsonl").read_text().splitlines()[:8]]
+    assert saved["samples"] == 8 and saved["loss"] > 0
+    assert [e["reference"] for e in saved["examples"]] == [m[-1]["content"] for m in records]
     assert report["exact_match"] == sum(e["exact"] for e in saved["examples"]) / 8
 
+    # 12 steps do not teach the shapes (tests/test_quickstart.py trains that; test_families_e2e.py checks trained
+    # answers in chat): chat on the first validation record decodes what eval decoded for it
     image = shapes_data / "images" / "val_00000.png"
+    assert records[0][0]["content"] == "What colour is the shape?" and records[0][0]["image"] == "images/val_00000.png"
     reply = chat(ckpt, image=str(image), prompt="What colour is the shape?", max_new_tokens=4, print_fn=lambda s: None)
-    assert isinstance(reply, str)
+    assert reply == saved["examples"][0]["prediction"]
     # `glmtune chat MODEL --adapter CKPT`: the base folder plus the adapter answers the same
     assert chat(tiny_glm41v, adapter=ckpt, image=str(image), prompt="What colour is the shape?", max_new_tokens=4,
                 print_fn=lambda s: None) == reply

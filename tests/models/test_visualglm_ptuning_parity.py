@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent.parent
 BASE = HERE / "golden" / "visualglm"
 GOLDEN = HERE / "golden" / "visualglm_ptuning"
 VARIANTS = {"plain": False, "projection": True}
-ATOL = 1e-5
+# logits: measured <= 2.4e-6 from upstream under 1 and 2 threads, AVX-512 and AVX2-only kernels
+# (scripts/measure_tolerances.py); the bound and why it is tighter than GLM-4V's: test_visualglm_parity.py
+ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +115,17 @@ def test_padded_batch_and_image_logits_match_upstream(models, goldens, variant):
 
 @pytest.mark.parametrize("case", ["text", "text_batch", "image"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_generation_with_kv_cache_matches_upstream(models, goldens, variant, case):
+def test_greedy_generation_with_kv_cache_matches_upstream(models, goldens, variant, case, trace_generate):
     from glmtune.models.visualglm import generate
 
     g, _, _ = goldens
     model = models[variant]
-    steps = []
-    hook = model.register_forward_hook(lambda m, args, out: steps.append(out.logits[:, -1].detach()))
-    try:
-        new = generate(model, batch_of(goldens[1], case), max_new_tokens=5, eos=[], pad_id=model.config.pad_token_id)
-    finally:
-        hook.remove()
-    assert new.tolist() == g[f"{variant}.{case}.gen_ids"].tolist()
-    # the logits each new token was chosen from (greedy_decode also runs the last token, whose logits are unused)
-    torch.testing.assert_close(torch.stack(steps[:5], dim=1), g[f"{variant}.{case}.gen_logits"], rtol=0, atol=ATOL)
+    new, steps = trace_generate(generate, model, batch_of(goldens[1], case))
+    assert new.tolist() == g[f"{variant}.{case}.gen_ids"].tolist()  # greedy tokens stay exact
+    # positions are not shifted by the prefix; the cache holds it (pre_seq_len more keys)
+    assert steps["position_ids"].tolist() == g[f"{variant}.{case}.gen_step_position_ids"].tolist()
+    assert steps["past_len"] == g[f"{variant}.{case}.gen_step_past_len"].tolist()
+    torch.testing.assert_close(steps["logits"], g[f"{variant}.{case}.gen_logits"], rtol=0, atol=ATOL)
 
 
 def test_upstream_ptuning_output_folder_loads_as_adapter(goldens, tmp_path):
