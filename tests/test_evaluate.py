@@ -47,11 +47,11 @@ def test_eval_report_scores_hand_made_predictions(tiny_glm4, tmp_path, monkeypat
     predictions = {f"Question {i}?": pred for i, (_, pred, _) in enumerate(CASES)}
     calls = []
 
-    def fake_generate(family, model, processor, conversations, max_new_tokens):
+    def fake_generate(family, model, processor, conversations, options):
         calls.append(len(conversations))
         return [predictions[turns[-1].text] for turns, _ in conversations]
 
-    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    monkeypatch.setattr(evaluate_module, "generate_text", fake_generate)
     report = evaluate_module.evaluate(tiny_glm4, data, out=tmp_path / "eval.json", batch_size=5,
                                       print_fn=lambda s: None)
     assert calls == [5, 5, 5, 1]  # batched as asked, every sample once
