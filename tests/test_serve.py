@@ -164,6 +164,7 @@ def test_server_answers_as_generate_text_streams_bounds_and_rejects(tiny_glm4v, 
         bad = [  # (request, status, words in the message)
             (dict(json={"messages": image_message(data_uri(big), "q")}), 413, "--max-image-pixels"),
             (dict(content=b"x" * 200_000, headers={"Content-Type": "application/json"}), 413, "--max-request-bytes"),
+            (dict(content=iter([b"x" * 60_000] * 2)), 413, "--max-request-bytes"),  # chunked: no Content-Length
             (dict(content=b"{not json"), 400, "not valid JSON"),
             (dict(json={"model": "x"}), 404, "not served"),
             (dict(json={}), 400, "messages"),
@@ -204,3 +205,14 @@ def test_trained_model_answers_through_the_server(memorised, tmp_path):
                                                     messages=[{"role": "user", "content": q}])
             assert "".join(c.choices[0].delta.content or "" for c in stream) == a
             assert server.post("/", json={"text": q, "history": []}).json()["result"] == a
+
+
+def test_serve_bad_options_are_one_line_errors(tiny_glm4, capsys):
+    from glmtune.cli import main
+
+    for args, words in ((["--max-queue", "-1"], "--max-queue -1: must be >= 0"),
+                        (["--max-new-tokens", "64", "--max-tokens-cap", "32"], "over --max-tokens-cap 32"),
+                        (["--allow-image-dir", "/no/such/dir"], "--allow-image-dir /no/such/dir: not a folder")):
+        assert main(["serve", str(tiny_glm4), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("glmtune serve: error: ") and words in err and err.count("\n") == 1
