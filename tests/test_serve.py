@@ -17,12 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 from test_predict import QA, memorised  # noqa: F401  (the memorised fixture, by name)
-
-pytest.importorskip("fastapi", reason="glmtune[serve] extra")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 KEY = "test-key"
 
@@ -107,6 +105,9 @@ def test_server_answers_as_generate_text_streams_bounds_and_rejects(tiny_glm4v, 
     expected = [generate_text(family, model, processor, [([Turn("user", IMAGE_PLACEHOLDER + q)],
                                                           [Image.open(io.BytesIO(png(colour=c))).convert("RGB")])],
                               options)[0] for q, c in zip(questions, colours)]
+    sampled = generate_text(family, model, processor, [([Turn("user", IMAGE_PLACEHOLDER + questions[0])],
+                                                        [Image.open(io.BytesIO(png())).convert("RGB")])],
+                            GenerationOptions(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=3))[0]
     del model
     args = [str(tiny_glm4v), "--api-key", KEY, "--max-new-tokens", "8", "--max-tokens-cap", "16", "--max-queue", "1",
             "--max-image-pixels", "4096", "--max-request-bytes", "100000", "--allow-image-dir",
@@ -116,13 +117,15 @@ def test_server_answers_as_generate_text_streams_bounds_and_rejects(tiny_glm4v, 
         assert [m.id for m in client.models.list()] == [tiny_glm4v.name]
 
         def ask(i: int, **kwargs) -> str:
-            reply = client.chat.completions.create(model=tiny_glm4v.name, temperature=0, **kwargs,
+            reply = client.chat.completions.create(model=tiny_glm4v.name, **{"temperature": 0, **kwargs},
                                                    messages=image_message(data_uri(png(colour=colours[i])),
                                                                           questions[i]))
             return reply.choices[0].message.content
 
         for i in range(4):
             assert ask(i) == expected[i]
+        for _ in range(2):  # temperature, top_p, seed and max_tokens reach the generation options
+            assert ask(0, temperature=1.5, top_p=0.9, seed=3, max_tokens=12) == sampled
         stream = client.chat.completions.create(model=tiny_glm4v.name, stream=True,
                                                 messages=image_message(data_uri(png(colour=colours[1])),
                                                                        questions[1]))
@@ -205,6 +208,12 @@ def test_trained_model_answers_through_the_server(memorised, tmp_path):
                                                     messages=[{"role": "user", "content": q}])
             assert "".join(c.choices[0].delta.content or "" for c in stream) == a
             assert server.post("/", json={"text": q, "history": []}).json()["result"] == a
+        # a stop string cuts the answer before it, streamed or not ("blue" -> "bl")
+        ask = dict(model="tuned", messages=[{"role": "user", "content": QA[0][0]}], stop=["ue", "zz"])
+        reply = client.chat.completions.create(**ask)
+        assert reply.choices[0].message.content == "bl" and reply.choices[0].finish_reason == "stop"
+        assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)) \
+            == "bl"
 
 
 def test_serve_bad_options_are_one_line_errors(tiny_glm4, capsys):
