@@ -51,7 +51,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 def decode_image(raw: bytes, where: str, max_pixels: int):
     """PIL RGB image from encoded bytes; the size is checked from the header before decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     from glmtune.data.images import to_rgb
 
@@ -62,9 +62,11 @@ def decode_image(raw: bytes, where: str, max_pixels: int):
                                  f"{max_pixels} (--max-image-pixels)")
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
+    except HTTPError:
+        raise
     except Image.DecompressionBombError:
         raise HTTPError(413, f"{where}: image is over the server's pixel limit ({max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Exception as e:  # PIL's plugins raise OSError, ValueError, SyntaxError, EOFError, struct.error ...
         raise HTTPError(400, f"{where}: not a readable image ({type(e).__name__})") from None
 
 
@@ -156,8 +158,8 @@ def options_from_request(req: dict, defaults: GenerationOptions, limits: ServeLi
                 raise HTTPError(400, f"{key} {value!r}: expected a number", key)
             changes[name] = float(value)
     if req.get("seed") is not None:
-        if not isinstance(req["seed"], int) or isinstance(req["seed"], bool):
-            raise HTTPError(400, f"seed {req['seed']!r}: expected an integer", "seed")
+        if not isinstance(req["seed"], int) or isinstance(req["seed"], bool) or not 0 <= req["seed"] < 2**63:
+            raise HTTPError(400, f"seed {req['seed']!r}: expected an integer in [0, 2**63)", "seed")
         changes["seed"] = req["seed"]
     if req.get("n", 1) != 1:
         raise HTTPError(400, f"n {req['n']!r}: this server makes one choice per request (n=1)", "n")
@@ -248,21 +250,32 @@ class Worker:
             self.admitted += 1
         self.jobs.put(job)
 
+    def release(self) -> None:
+        with self.lock:
+            self.admitted -= 1
+
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
+            job, released, error = self.jobs.get(), False, None
             try:
                 if not job.cancelled:
                     for event in generate_pieces(self.family, self.model, self.processor, job.conversation,
                                                  job.options, job.stops, lambda: job.cancelled):
+                        if event[0] == "end":  # free the place first: the client may send its next request at once
+                            self.release()
+                            released = True
                         job.deliver(event)
             except (SampleError, RecipeError) as e:  # the prompt does not fit the model (e.g. images it lacks)
-                job.deliver(("error", HTTPError(400, e.reason if isinstance(e, SampleError) else str(e))))
+                error = HTTPError(400, e.reason if isinstance(e, SampleError) else str(e))
             except Exception as e:  # a bug: reported to this client, the server goes on
-                job.deliver(("error", HTTPError(500, f"generation failed: {type(e).__name__}: {e}")))
-            finally:
-                with self.lock:
-                    self.admitted -= 1
+                error = HTTPError(500, f"generation failed: {type(e).__name__}: {e}")
+            if not released:
+                self.release()
+            if error is not None:
+                try:
+                    job.deliver(("error", error))
+                except RuntimeError:  # the event loop is gone (shutting down)
+                    pass
 
 
 async def run_job(worker: Worker, conversation, options, stops):

@@ -191,6 +191,10 @@ def test_server_answers_as_generate_text_streams_bounds_and_rejects(tiny_glm4v, 
         with pytest.raises(openai.AuthenticationError):
             server.client(key="wrong").models.list()
         assert server.post("/", key="wrong", json={"text": "q"}).status_code == 401
+        for _ in range(3):  # clients that go away mid-stream free their place (--max-queue 1: else 429)
+            with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"messages": [{"role": "user", "content": "q"}], "stream": True}) as r:
+                assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
         assert ask(3) == expected[3]  # still serving after all that
     assert "Traceback" not in server.log_path.read_text()
 
