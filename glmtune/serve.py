@@ -16,7 +16,9 @@ import base64
 import binascii
 import hmac
 import io
+import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -299,8 +301,6 @@ async def run_job(worker: Worker, conversation, options, stops):
 
 def make_app(family, model, processor, model_name: str, defaults: GenerationOptions, limits: ServeLimits,
              api_key: str | None = None):
-    import json
-
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -439,4 +439,9 @@ def serve(model_path, adapter=None, host: str = "127.0.0.1", port: int = 8000, m
     set_english(family, processor, english)
     app = make_app(family, model, processor, model_name or Path(model_path).name, options or GenerationOptions(),
                    limits or ServeLimits(), api_key)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"glmtune serve: warning: --host {host} without --api-key: anyone who reaches it can use the model",
+              file=sys.stderr)
+    print(f"glmtune serve: {model_name or Path(model_path).name} on http://{host}:{port} "
+          f"(OpenAI base_url http://{host}:{port}/v1)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
