@@ -1,4 +1,4 @@
-"""`glmtune {train,check,eval,merge,chat,predict,inspect,make-tiny}`: thin argument parsing over the modules."""
+"""`glmtune {train,check,eval,merge,chat,predict,serve,inspect,make-tiny}`: thin argument parsing over the modules."""
 
 from __future__ import annotations
 
@@ -91,6 +91,32 @@ def cmd_chat(args):
          quant=args.quant, english=args.english, stream_fn=None if args.no_stream else write)
 
 
+def cmd_serve(args):
+    from pathlib import Path
+
+    from glmtune.serve import ServeLimits, serve
+
+    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-image-pixels", args.max_image_pixels),
+                        ("--max-tokens-cap", args.max_tokens_cap)):
+        if value < 1:
+            raise RecipeError(f"{flag} {value}: must be at least 1")
+    if args.max_queue < 0:
+        raise RecipeError(f"--max-queue {args.max_queue}: must be >= 0")
+    dirs = []
+    for d in args.allow_image_dir:
+        if not Path(d).is_dir():
+            raise RecipeError(f"--allow-image-dir {d}: not a folder")
+        dirs.append(Path(d).resolve())
+    limits = ServeLimits(max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
+                         max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue, allowed_image_dirs=tuple(dirs))
+    options = generation_options(args)
+    if options.max_new_tokens > limits.max_tokens_cap:
+        raise RecipeError(f"--max-new-tokens {options.max_new_tokens}: over --max-tokens-cap {limits.max_tokens_cap}")
+    serve(args.model, adapter=args.adapter, host=args.host, port=args.port, model_name=args.model_name,
+          options=options, limits=limits, api_key=args.api_key or os.environ.get("GLMTUNE_API_KEY") or None,
+          quant=args.quant, english=args.english)
+
+
 def cmd_inspect(args):
     from glmtune.config import load_recipe
     from glmtune.inspect import inspect_model
@@ -181,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip writes the record's error to the output instead of stopping")
     add_generation_args(s, max_new_tokens=256)
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and the seed's simple API) for a model")
+    s.add_argument("model", help="model folder (official layout) or training checkpoint")
+    s.add_argument("--adapter")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
+    s.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY` (default: $GLMTUNE_API_KEY; "
+                   "none: no key)")
+    s.add_argument("--max-request-bytes", type=int, default=20_000_000, help="larger bodies get 413")
+    s.add_argument("--max-image-pixels", type=int, default=16_000_000, help="larger images get 413")
+    s.add_argument("--max-tokens-cap", type=int, default=1024, help="larger max_tokens get 400")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting for the model; more get 429")
+    s.add_argument("--allow-image-dir", action="append", default=[],
+                   help="image_url may name local files under this folder (repeatable; default: data: URIs only)")
+    add_generation_args(s, max_new_tokens=256)
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("inspect", help="parameter names/shapes (JSON) and what a recipe would train")
     s.add_argument("model", help="folder with config.json (weights are not read)")
