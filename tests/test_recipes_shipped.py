@@ -31,6 +31,16 @@ OTHERS = ["visualglm/dora.yaml", "chatglm/dora.yaml", "chatglm/qlora.yaml", "glm
           "visualglm/projector_full.yaml", "glm4/full.yaml", "chatglm/full.yaml"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose much on a busy 2-core machine (see
+    test_component_matrix.py); restored for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def readme_methods() -> dict[str, set[str]]:
     """family -> the adapter.method values the README's method table says `yes` for."""
     text = (ROOT / "README.md").read_text()
