@@ -235,7 +235,8 @@ MERGED = [("glm41v", "lora", ("full", "full", "lora")), ("glm4v", "dora", ("full
           ("visualglm", "lora", ("lora", "lora", "full")), ("chatglm", "none", ("frozen", "frozen", "full"))]
 
 
-@pytest.mark.parametrize(("family_name", "method", "modes"), MERGED, ids=[f"{f}-{m}-{'-'.join(c)}" for f, m, c in MERGED])
+@pytest.mark.parametrize(("family_name", "method", "modes"), MERGED,
+                         ids=[f"{f}-{m}-{'-'.join(c)}" for f, m, c in MERGED])
 def test_merge_folds_every_trained_parameter(request, bases, family_name, method, modes, tmp_path):
     from glmtune.adapters import attach, save_trained
     from glmtune.config import save_recipe

@@ -81,7 +81,8 @@ def bf16_copy(src: Path, dst: Path) -> Path:
                       str(dst / f.name), metadata={"format": "pt"})
         elif f.suffix == ".bin":
             state = torch.load(f, weights_only=True)
-            torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, dst / f.name)
+            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+            torch.save(state, dst / f.name)
         else:
             shutil.copy2(f, dst / f.name)
     return dst
@@ -94,7 +95,8 @@ def train_as_shipped(request, recipe_name: str, model: Path, out: Path) -> dict:
     data = request.getfixturevalue("text_data" if family in TEXT else "shapes_data")
     recipe = load_recipe(ROOT / "recipes" / recipe_name, [
         f"model.path={model}", f"data.train={data / 'train.jsonl'}", "data.val=null", "data.format=auto",
-        "data.num_workers=0", "train.max_steps=3", f"train.output_dir={out}", "log.progress_bar=false", *TINY.get(recipe_name, [])])
+        "data.num_workers=0", "train.max_steps=3", f"train.output_dir={out}", "log.progress_bar=false",
+        *TINY.get(recipe_name, [])])
     assert recipe.train.mixed_precision == "bf16"
     summary = train(recipe)
     assert summary["steps"] == 3 and math.isfinite(summary["final_train_loss"]), summary

@@ -63,11 +63,11 @@ def peft_full_targets(model: nn.Module, components: dict[str, list[str]], comp: 
 
     PEFT refuses containers (ModuleList / ModuleDict: GLM-4.1V's `model.visual.blocks`) and matches
     `modules_to_save` by name suffix (VisualGLM's `transformer` would also catch `image_encoder.vit.transformer`):
-    such modules are replaced by their children. A wrapper trains a copy, which would untie a tied weight (VisualGLM's
-    lm_head is its word embeddings), so modules holding one are not wrapped either. Parameters held directly by a module that cannot be wrapped
-    (GLM-4V's learned boi/eoi on `transformer.vision`, whose conv and GLU are the projector) cannot be wrapped
-    either: they train as plain parameters, saved in the adapter file under their PEFT names (see save_trained),
-    which PEFT loads back as it is."""
+    such modules are replaced by their children. A wrapper trains a copy, which would untie a tied weight
+    (VisualGLM's lm_head is its word embeddings), so modules holding one are not wrapped either. Parameters held
+    directly by a module that cannot be wrapped (GLM-4V's learned boi/eoi on `transformer.vision`, whose conv and
+    GLU are the projector) train as plain parameters, saved in the adapter file under their PEFT names (see
+    save_trained), which PEFT loads back as they are."""
     all_names = [n for n, _ in model.named_modules()]
     seen: set[int] = set()
     tied = set()  # ids of parameters reachable under two names (VisualGLM's lm_head = word embeddings)
