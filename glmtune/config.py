@@ -240,7 +240,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check
 
 
 def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
-    from glmtune.models import FAMILIES, PACKING_FAMILIES
+    from glmtune.models import FAMILIES, FAMILY_COMPONENTS, PACKING_FAMILIES, PTUNING_FAMILIES
 
     def fail(key: str, msg: str):
         raise RecipeError(f"{where}: `{key}` {msg}")
@@ -271,6 +271,14 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(f"adapter.components.{name}", f"is {mode!r}, must be one of {list(COMPONENT_MODES)}")
     for name in COMPONENTS:
         comps.setdefault(name, "frozen")
+    family, own = recipe.model.family, FAMILY_COMPONENTS[recipe.model.family]
+    for name, mode in comps.items():
+        if name not in own and mode != "frozen":
+            fail(f"adapter.components.{name}", f"is `{mode}` but {family} is a text model without a {name} "
+                                               f"(its only component is the language model); set it to frozen")
+    if recipe.adapter.method == "ptuning" and family not in PTUNING_FAMILIES:
+        fail("adapter.method", f"is `ptuning`, which is not implemented for {family} yet (available for: "
+                               f"{', '.join(PTUNING_FAMILIES)}); use lora, dora or qlora")
     if recipe.adapter.method in ("none", "ptuning") and "lora" in comps.values():
         lora_key = next(f"adapter.components.{c}" for c, m in comps.items() if m == "lora")
         fail(lora_key, f"is `lora` but adapter.method is `{recipe.adapter.method}`"
@@ -280,6 +288,15 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
     if recipe.adapter.method in LORA_METHODS and "lora" not in comps.values():
         fail("adapter.components", f"has no component set to `lora` although adapter.method is "
                                    f"`{recipe.adapter.method}`")
+    lora_comps = [c for c, m in comps.items() if m == "lora"]
+    if recipe.adapter.method == "qlora" and set(lora_comps) == {"vision"} and not recipe.adapter.quantize_vision:
+        fail("adapter.quantize_vision", "is false and the vision tower is the only `lora` component, so "
+                                        "adapter.method=qlora would quantize nothing; set adapter.quantize_vision="
+                                        "true, or use adapter.method=lora")
+    if recipe.adapter.layers and comps["language"] != "lora":
+        fail("adapter.layers", f"is {list(recipe.adapter.layers)}: it picks language-model layers for LoRA, but "
+                               f"adapter.components.language is `{comps['language']}`; set it to lora or "
+                               f"adapter.layers=[]")
     if recipe.adapter.method == "qlora" and recipe.train.distributed in ("zero3", "zero3_offload"):
         fail("train.distributed", f"is `{recipe.train.distributed}` but adapter.method is `qlora`: ZeRO-3 cannot "
                                   f"partition the 4-bit base weights; use zero2 or ddp (the 4-bit base is what "

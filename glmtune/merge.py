@@ -98,6 +98,16 @@ def output_name(shard: Path) -> str:
     return shard.name.replace("pytorch_model", "model", 1).removesuffix(".bin") + ".safetensors"
 
 
+def tied_names(base: Path, family) -> dict[str, list[str]]:
+    """Parameter name -> the other names of the same tensor in the model config.json describes (VisualGLM-6B's
+    lm_head.weight is its word embeddings): the checkpoint holds one of them, the base shards may hold each, and
+    a loader would read the stale copy last. Built on the meta device: no memory."""
+    groups: dict[int, list[str]] = {}
+    for name, p in family.build_model(base, meta=True).named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: [o for o in g if o != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
 def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
     """Write base + checkpoint as one model in the official layout, always as safetensors (a `.bin` base,
     VisualGLM-6B / ChatGLM-6B, becomes `model-0000N-of-0000M.safetensors` + model.safetensors.index.json)."""
@@ -124,11 +134,14 @@ def merge(ckpt: str | Path, out_dir: str | Path, print_fn=print) -> Path:
             shutil.copy2(f, out / f.name)
     # QLoRA: every quantized weight is written as the dequantized NF4 weight the model was trained with
     wanted, used = set(updates["delta"]) | set(updates["replace"]) | quantized.get("weights", set()), set()
+    aliases = {alias: name for name, others in tied_names(base, get_family(recipe.model.family)).items()
+               if name in updates["replace"] for alias in others if alias not in wanted}
+    updates["replace"].update({alias: updates["replace"][name] for alias, name in aliases.items()})
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         merged = {}
         for name, w in iter_shard(shard):
-            if name in wanted:
+            if name in wanted or name in aliases:  # a tied copy, if the base shards hold one, gets the same tensor
                 w = merged_weight(name, w, updates, quantized)
                 used.add(name)
             merged[name] = w.clone() if shard.suffix == ".bin" else w.contiguous()  # .bin: tied tensors share storage

@@ -137,21 +137,21 @@ def test_ptuning_generation_with_kv_cache_equals_full_recompute(request, family,
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
 
 
-def test_ptuning_is_a_clear_error_where_unavailable(tiny_glm41v, shapes_data, tmp_path):
+def test_ptuning_is_a_clear_error_where_unavailable(tiny_glm41v, tiny_glm4v, shapes_data, tmp_path):
     from glmtune.config import RecipeError
-    from glmtune.train import setup
 
-    with pytest.raises(RecipeError, match="ptuning is not implemented for this family"):
-        setup(recipe(tiny_glm41v, shapes_data, tmp_path, "glm41v/lora.yaml", *METHODS["ptuning"]))
+    # caught with the recipe, before any model is loaded
+    with pytest.raises(RecipeError, match="`adapter.method` is `ptuning`, which is not implemented for glm41v"):
+        recipe(tiny_glm41v, shapes_data, tmp_path, "glm41v/lora.yaml", *METHODS["ptuning"])
     with pytest.raises(RecipeError, match="adapter.components.vision.*ptuning"):
-        recipe(tiny_glm41v, shapes_data, tmp_path, "glm41v/lora.yaml", *METHODS["ptuning"],
+        recipe(tiny_glm4v, shapes_data, tmp_path, "glm4v/lora.yaml", *METHODS["ptuning"],
                "adapter.components.vision=lora")
 
 
 def test_qlora_needs_quantizable_layers(tiny_glm4v, shapes_data, tmp_path):
-    from glmtune.train import setup
+    from glmtune.config import RecipeError
 
-    r = recipe(tiny_glm4v, shapes_data, tmp_path, "glm4v/lora.yaml", "adapter.method=qlora",
+    # only the vision tower is `lora` and it stays full precision: caught with the recipe, before loading
+    with pytest.raises(RecipeError, match="`adapter.quantize_vision` is false"):
+        recipe(tiny_glm4v, shapes_data, tmp_path, "glm4v/lora.yaml", "adapter.method=qlora",
                "adapter.components.language=frozen", "adapter.components.vision=lora")
-    with pytest.raises(ValueError, match="no linear layer to quantize"):
-        setup(r)

@@ -2,7 +2,7 @@
 
 Checkpoint contents by method:
   lora, dora  PEFT adapter folder: adapter_config.json + adapter_model.safetensors (full components inside,
-              as PEFT modules_to_save)
+              as PEFT modules_to_save, and plain entries for parameters PEFT cannot wrap)
   qlora       the same, plus quantization.json (which base linears were NF4)
   ptuning     full_weights.safetensors (the prefix encoder + any full component) and ptuning.json
   none        full_weights.safetensors: the trained `full` components under their official names
@@ -52,6 +52,22 @@ def trained_state(model, state_dict: dict | None = None) -> dict[str, torch.Tens
     return {n: source[n].detach().contiguous() for n in names}
 
 
+def add_loose_parameters(model, adapter_file: Path, state_dict: dict | None = None) -> None:
+    """Add to PEFT's adapter file the trainable parameters PEFT does not manage (a `full` component's parameters
+    that no modules_to_save wrapper can hold, see peft_full_targets), under their PEFT names: PEFT's own loading
+    (PeftModel.from_pretrained, set_peft_model_state_dict) copies such entries into the model unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    loose = [n for n, p in model.named_parameters()
+             if p.requires_grad and ".lora_" not in n and ".modules_to_save." not in n]
+    if not loose:
+        return
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    tensors = load_file(str(adapter_file))
+    tensors.update({n: source[n].detach().contiguous() for n in loose})
+    save_file(tensors, str(adapter_file), metadata={"format": "pt"})
+
+
 def save_trained(model, out_dir: Path, method: str, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -61,6 +77,7 @@ def save_trained(model, out_dir: Path, method: str, state_dict: dict | None = No
             write_record(model, out_dir)
         return
     model.save_pretrained(str(out_dir), state_dict=state_dict)
+    add_loose_parameters(model, out_dir / "adapter_model.safetensors", state_dict)
     record = getattr(model.get_base_model(), "glmtune_quantization", None)
     if record is not None:
         (out_dir / QUANT_FILE).write_text(json.dumps(record, indent=2))

@@ -1,4 +1,4 @@
-"""LoRA through PEFT, per component; `full` components become PEFT `modules_to_save`.
+"""LoRA through PEFT, per component; `full` components become PEFT `modules_to_save` (see peft_full_targets).
 
 Adapter files are plain PEFT (adapter_config.json + adapter_model.safetensors) with the key names PEFT
 gives on the official model, so `PeftModel.from_pretrained(base, ckpt)` works without glmtune.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from glmtune.adapters.trainable import component_of, covering_modules, lora_target_regex
+from glmtune.adapters.trainable import component_of, lora_target_regex, peft_full_targets
 from glmtune.config import RecipeError
 
 
@@ -24,8 +24,10 @@ def attach_lora(model, family, cfg):
     modes = cfg.components
     lora_comps = [c for c, m in modes.items() if m == "lora"]
     leaves = {c: list(cfg.target) or family.LORA_TARGETS[c] for c in lora_comps}
-    full = [name for c, m in modes.items() if m == "full"
-            for name in covering_modules(model, family.COMPONENTS, c)]
+    full, loose = [], []
+    for comp in [c for c, m in modes.items() if m == "full"]:
+        modules, params = peft_full_targets(model, family.COMPONENTS, comp)
+        full, loose = full + modules, loose + params
     targets = lora_target_regex(family.COMPONENTS, lora_comps, leaves)
     if cfg.layers:  # only these language-model layers (other components keep every layer)
         targets = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)
@@ -46,7 +48,10 @@ def attach_lora(model, family, cfg):
         modules_to_save=full or None,
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:  # PEFT: "Target modules ... not found in the base model"
         raise RecipeError(f"adapter.target {list(cfg.target)} matched no Linear layer in components "
                          f"{lora_comps}; defaults are {family.LORA_TARGETS} ({e})") from None
+    for name in loose:  # parameters of a `full` component that PEFT cannot wrap
+        model.get_parameter(name).requires_grad_(True)
+    return peft_model

@@ -19,10 +19,11 @@ import torch
 
 from glmtune.adapters.trainable import set_trainable
 from glmtune.config import CheckpointError, RecipeError
+from glmtune.models import PTUNING_FAMILIES
 
 PTUNING_FILE = "ptuning.json"
 PREFIX_MODULE = "transformer.prefix_encoder"
-AVAILABLE = "glm4v, glm4, visualglm, chatglm"
+AVAILABLE = ", ".join(PTUNING_FAMILIES)
 
 
 def attach_ptuning(model, family, cfg):

@@ -58,6 +58,43 @@ def covering_modules(model: nn.Module, components: dict[str, list[str]], comp: s
     return chosen
 
 
+def peft_full_targets(model: nn.Module, components: dict[str, list[str]], comp: str) -> tuple[list[str], list[str]]:
+    """A `full` component beside LoRA: (modules for PEFT `modules_to_save`, parameters to train as they are).
+
+    PEFT refuses containers (ModuleList / ModuleDict: GLM-4.1V's `model.visual.blocks`) and matches
+    `modules_to_save` by name suffix (VisualGLM's `transformer` would also catch `image_encoder.vit.transformer`):
+    such modules are replaced by their children. A wrapper trains a copy, which would untie a tied weight
+    (VisualGLM's lm_head is its word embeddings), so modules holding one are not wrapped either. Parameters held
+    directly by a module that cannot be wrapped (GLM-4V's learned boi/eoi on `transformer.vision`, whose conv and
+    GLU are the projector) train as plain parameters, saved in the adapter file under their PEFT names (see
+    save_trained), which PEFT loads back as they are."""
+    all_names = [n for n, _ in model.named_modules()]
+    seen: set[int] = set()
+    tied = set()  # ids of parameters reachable under two names (VisualGLM's lm_head = word embeddings)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    modules: list[str] = []
+
+    def wrappable(name: str, module: nn.Module) -> bool:
+        return (bool(name) and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+                and not any(other != name and other.endswith(name) for other in all_names)
+                and not any(id(p) in tied for p in module.parameters()))
+
+    def split(name: str):
+        module = model.get_submodule(name)
+        if wrappable(name, module):
+            modules.append(name)
+            return
+        for child, _ in module.named_children():  # the module's own parameters stay loose
+            split(f"{name}.{child}" if name else child)
+
+    for name in covering_modules(model, components, comp):
+        split(name)
+    inside = tuple(m + "." for m in modules)
+    loose = [n for n, _ in model.named_parameters() if component_of(n, components) == comp and not n.startswith(inside)]
+    return modules, loose
+
+
 def set_trainable(model: nn.Module, components: dict[str, list[str]], modes: dict[str, str]) -> None:
     """Freeze everything, then unfreeze the parameters of the `full` components (no PEFT involved)."""
     for name, p in model.named_parameters():

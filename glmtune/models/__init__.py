@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 
 FAMILIES = {
-    "glm41v": "glmtune.models.glm41v",  # GLM-4.1V / GLM-4.5V (transformers Glm4vForConditionalGeneration)
+    "glm41v": "glmtune.models.glm41v",  # GLM-4.1V (transformers Glm4vForConditionalGeneration)
     "glm4v": "glmtune.models.glm4v",  # GLM-4V-9B, native (GLM-4 + EVA2-CLIP-E)
     "glm4": "glmtune.models.glm4",  # GLM-4-9B-Chat, native (GLM-4V-9B's text model)
     "visualglm": "glmtune.models.visualglm",  # VisualGLM-6B, native (ChatGLM-6B + BLIP-2)
@@ -39,6 +39,19 @@ FAMILIES = {
 # Families whose processor has `collate_packed(items, max_length)` and whose model isolates packed samples
 # (after `enable_packing(model)` where the family has one): data.packing=true is accepted for these.
 PACKING_FAMILIES = ("glm41v", "glm4v", "glm4", "visualglm", "chatglm")
+# What config validation checks before anything heavy is imported; tests/test_component_matrix.py checks these
+# against each family module (its COMPONENTS, its add_prefix).
+FAMILY_COMPONENTS = {
+    "glm41v": ("vision", "projector", "language"),
+    "glm4v": ("vision", "projector", "language"),
+    "glm4": ("language",),
+    "visualglm": ("vision", "projector", "language"),
+    "chatglm": ("language",),
+}
+PTUNING_FAMILIES = ("glm4v", "glm4", "visualglm", "chatglm")  # P-tuning v2 (adapter.method=ptuning)
+# Related checkpoints of another architecture, named in the error rather than built as the wrong model.
+UNSUPPORTED = {"glm4v_moe": "; GLM-4.5V / GLM-4.6V (Glm4vMoeForConditionalGeneration, model_type 'glm4v_moe') are "
+                            "not supported yet"}
 
 
 def get_family(name: str) -> ModuleType:
@@ -67,4 +80,4 @@ def detect_family(model_dir: str | Path) -> str:
     from glmtune.config import CheckpointError
 
     raise CheckpointError(f"{cfg}: model_type {model_type!r} with these keys is not a supported family; "
-                   f"known: {', '.join(sorted(FAMILIES))}")
+                   f"known: {', '.join(sorted(FAMILIES))}" + UNSUPPORTED.get(model_type, ""))

@@ -1,4 +1,7 @@
-"""GLM-4.1V / GLM-4.5V through transformers' own `Glm4vForConditionalGeneration` (no native code needed).
+"""GLM-4.1V through transformers' own `Glm4vForConditionalGeneration` (no native code needed).
+
+GLM-4.5V / GLM-4.6V are another architecture (`Glm4vMoeForConditionalGeneration`, model_type `glm4v_moe`):
+not supported yet; their config.json is refused with a clear error rather than built as a dense model.
 
 Official parameter names (model.safetensors.index.json of zai-org/GLM-4.1V-9B-Thinking) are the
 module names of transformers' class, so PEFT adapter keys and merged shards use them unchanged.
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from glmtune.models import UNSUPPORTED
 from glmtune.models.glm41v.template import Glm41vProcessor
 from glmtune.models.packed_attention import PackedRows, segment_spans, varlen_attention
 from glmtune.models.glm41v.tiny import make_tiny
@@ -66,6 +70,12 @@ def build_config(path: str | Path):
     from transformers import Glm4vConfig
 
     raw = json.loads((Path(path) / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type != "glm4v":  # e.g. GLM-4.5V's glm4v_moe would silently build a dense model of the wrong shape
+        from glmtune.config import CheckpointError
+
+        raise CheckpointError(f"{Path(path) / 'config.json'}: model_type {model_type!r}, but the glm41v family reads "
+                              f"GLM-4.1V checkpoints (model_type 'glm4v')" + UNSUPPORTED.get(model_type, ""))
     return Glm4vConfig(**{k: v for k, v in normalize_config(raw).items()
                           if k not in ("architectures", "transformers_version", "model_type")})
 
