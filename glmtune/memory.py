@@ -6,7 +6,7 @@ tree's, in the dtypes PEFT gives them). QLoRA is not quantized on meta: the line
 glmtune.adapters.qlora.quantizable() picks are counted as NF4 with double quantization,
 0.5 B/weight + 1 B (8-bit absmax) per 64-weight block + 4 B (fp32 second-level absmax) per 256 blocks.
 
-Engines (N GPUs): torch AdamW keeps 2 moments in the parameter dtype (one GPU, DDP); DeepSpeed keeps an fp32
+Engines (N GPUs): torch AdamW keeps 2 moments in the parameter dtype (one GPU, DDP) and a 4-byte step count per tensor; DeepSpeed keeps an fp32
 master copy + 2 fp32 moments (12 B per trainable parameter) and fp32 gradients, partitioned over the N ranks
 (ZeRO-2: optimizer + gradients; ZeRO-3: also the weights; ZeRO-3 + offload: optimizer states and gradients in
 CPU memory). This matches what training measures in summary.json "memory_per_rank".
@@ -40,7 +40,9 @@ def parameter_counts(recipe) -> dict:
     import dataclasses
 
     from glmtune.adapters import attach
+    from glmtune.adapters.lora import layer_index
     from glmtune.adapters.qlora import quantizable
+    from glmtune.adapters.trainable import component_of
     from glmtune.models import get_family
 
     fam = get_family(recipe.model.family)
@@ -53,19 +55,25 @@ def parameter_counts(recipe) -> dict:
         quant = {n + ".weight" for n in names}
         cfg = dataclasses.replace(cfg, method="lora")  # the trainable part is plain LoRA on top
     wrapped = attach(model, fam, cfg)
-    frozen = quantized = trainable = trainable_n = 0
+    frozen = quantized = trainable = trainable_n = tensors = 0
     for name, p in wrapped.named_parameters():
         plain = name.replace("base_model.model.", "").replace(".base_layer", "")
         if p.requires_grad:
             trainable += p.numel() * p.element_size()
             trainable_n += p.numel()
+            tensors += 1
         elif plain in quant:
             quantized += nf4_bytes(p.numel())
         else:
             frozen += p.numel() * p.element_size()
+    # the LoRA inputs of one layer (the first adapted one; the estimate assumes every layer is alike)
+    lora = [(n, m.in_features) for n, m in wrapped.named_modules() if n.endswith(".lora_A.default")
+            and fam.COMPONENTS and component_of(n.replace("base_model.model.", "") + ".weight",
+                                                fam.COMPONENTS) == "language"]
+    first = min((layer_index(n) for n, _ in lora if layer_index(n) is not None), default=None)
     return {"frozen_bytes": frozen, "quantized_bytes": quantized, "trainable_bytes": trainable,
-            "trainable_params": trainable_n, "lora_modules": sum(1 for n, _ in wrapped.named_modules()
-                                                                 if n.endswith(".lora_A"))}
+            "trainable_params": trainable_n, "trainable_tensors": tensors,
+            "lora_inputs": [(n.split(".")[-3], i) for n, i in lora if layer_index(n) == first]}
 
 
 def engine_bytes(counts: dict, engine: str, gpus: int) -> dict:
@@ -74,7 +82,8 @@ def engine_bytes(counts: dict, engine: str, gpus: int) -> dict:
     base = counts["frozen_bytes"] + counts["quantized_bytes"]
     t, tn = counts["trainable_bytes"], counts["trainable_params"]
     if engine in ("single", "ddp"):
-        return {"weights": base + t, "gradients": t, "optimizer": 2 * t, "cpu": 0}
+        # + AdamW's fp32 step counter per tensor
+        return {"weights": base + t, "gradients": t, "optimizer": 2 * t + 4 * counts["trainable_tensors"], "cpu": 0}
     if engine == "zero2":
         return {"weights": base + t, "gradients": 4 * tn / n, "optimizer": 12 * tn / n, "cpu": 0}
     if engine == "zero3":
@@ -103,35 +112,46 @@ def _dims(config: dict) -> dict:
             "vocab": config["vocab_size"], "rot": config["hidden_size"] // heads // 2}
 
 
-def _layer_elements(m: dict, lora: int, r: int) -> int:
-    """Elements per token one decoder layer saves for backward (LoRA on the family's default targets)."""
+def lora_bytes(lora_inputs: list[tuple[str, int]], r: int, dropout: float, e: int) -> float:
+    """Bytes per token the LoRA branches of one layer save: lora_A's input and output (r). Without dropout the
+    input is the base layer's own input, shared by q/k/v_proj (one storage); with dropout each module saves its
+    dropped-out copy and the keep-mask (1 byte per element)."""
+    out = 0.0
+    for name, width in lora_inputs:
+        out += r * e
+        if dropout > 0:
+            out += width * (e + 1)
+        elif name not in ("k_proj", "v_proj") or "q_proj" not in {n for n, _ in lora_inputs}:
+            out += width * e
+    return out
+
+
+def _layer_elements(m: dict) -> int:
+    """Elements per token one decoder layer saves for backward, besides its LoRA branches."""
     h, f, heads, d, kv = m["h"], m["f"], m["heads"], m["d"], m["kv"]
     q = heads * d
     if m["arch"] == "glm4":
         # 2 RMSNorm inputs + their rstd; q and k after rope, k and v repeated to all heads, SDPA output and its
-        # logsumexp; cos/sin; SwiGLU: dense_h_to_4h output (2f) and silu(gate) (f); LoRA inputs of qkv (h),
-        # dense (q), dense_h_to_4h (h), dense_4h_to_h (f); the LoRA A outputs (r each)
-        return 2 * h + 2 + 4 * q + heads + m["rot"] + 3 * f + (2 * h + q + f) + lora * r
+        # logsumexp; cos/sin; SwiGLU: dense_h_to_4h output (2f) and silu(gate) (f)
+        return 2 * h + 2 + 4 * q + heads + m["rot"] + 3 * f
     if m["arch"] == "chatglm":
         # 2 LayerNorm inputs + mean/rstd; the fused qkv output (3h) and q, k after 2-D rope and v (3h); cos/sin
-        # of the two position ids (d); logsumexp; the tanh-approximated gelu's 7 intermediates (f each); LoRA
-        # inputs of query_key_value and dense (h each) and A outputs
-        return 2 * h + 4 + 3 * h + 3 * q + d + heads + 7 * f + 2 * h + lora * r
+        # of the two position ids (d); logsumexp; the tanh-approximated gelu's 7 intermediates (f each)
+        return 2 * h + 4 + 3 * h + 3 * q + d + heads + 7 * f
     # glm41v: 4 RMSNorm inputs + rstd; q (after rope) and SDPA output, k after rope and v (kv each); cos/sin
-    # (partial rotary); logsumexp; SwiGLU gate_up output (2f) + silu (f); LoRA inputs: the normed input shared
-    # by q/k/v (h), o_proj (q), gate_up (h), down (f)
-    return 4 * h + 4 + 2 * q + 2 * kv + m["rot"] + heads + 3 * f + (2 * h + q + f) + lora * r
+    # (partial rotary); logsumexp; SwiGLU gate_up output (2f) + silu (f)
+    return 4 * h + 4 + 2 * q + 2 * kv + m["rot"] + heads + 3 * f
 
 
-def activation_bytes(config: dict, tokens: int, batch: int, dtype_bytes: int, checkpointing: bool, lora: int,
-                     r: int) -> dict:
+def activation_bytes(config: dict, tokens: int, batch: int, dtype_bytes: int, checkpointing: bool,
+                     lora_per_token: float = 0.0) -> dict:
     """Bytes autograd keeps between forward and backward for `batch` rows of `tokens` tokens.
 
     saved: what the forward leaves for backward. With gradient checkpointing that is each layer's input
     hidden state; backward then recomputes one layer at a time, which adds `recompute` at the peak."""
     m = _dims(config)
     n = batch * tokens
-    layer = _layer_elements(m, lora // max(1, m["layers"]) if lora else 0, r) * n * dtype_bytes
+    layer = (_layer_elements(m) * dtype_bytes + lora_per_token) * n
     # the loss: fp32 log-softmax over the vocabulary for every predicted token, and the int64 targets
     loss = batch * (tokens - 1) * (m["vocab"] * 4 + 8)
     final = n * (m["h"] + 1) * dtype_bytes  # final norm input (+ rstd)
@@ -190,8 +210,10 @@ def memory_table(recipe, gpus: int) -> dict:
     counts = parameter_counts(recipe)
     e = DTYPE_BYTES["bfloat16"] if recipe.train.mixed_precision in ("bf16", "fp16") else \
         DTYPE_BYTES[recipe.model.dtype]
+    a = recipe.adapter
+    lora = lora_bytes(counts["lora_inputs"], a.r, a.dropout, e) if a.method in ("lora", "qlora", "dora") else 0.0
     act = activation_bytes(config, recipe.data.max_length, recipe.train.batch_size, e,
-                           recipe.model.gradient_checkpointing, counts["lora_modules"], recipe.adapter.r)
+                           recipe.model.gradient_checkpointing, lora)
     rows = {}
     for engine in ENGINES:
         if engine.startswith("zero3") and recipe.adapter.method == "qlora":
