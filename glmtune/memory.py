@@ -115,32 +115,38 @@ def _dims(config: dict) -> dict:
 def lora_bytes(lora_inputs: list[tuple[str, int]], r: int, dropout: float, e: int) -> float:
     """Bytes per token the LoRA branches of one layer save: lora_A's input and output (r). Without dropout the
     input is the base layer's own input, shared by q/k/v_proj (one storage); with dropout each module saves its
-    dropped-out copy and the keep-mask (1 byte per element)."""
+    own dropped-out copy and the dropout's fp32 noise (PEFT runs the branch in its fp32 adapter dtype)."""
+    names = {n for n, _ in lora_inputs}
     out = 0.0
     for name, width in lora_inputs:
         out += r * e
         if dropout > 0:
-            out += width * (e + 1)
-        elif name not in ("k_proj", "v_proj") or "q_proj" not in {n for n, _ in lora_inputs}:
+            out += width * (e + 4)
+        elif name not in ("k_proj", "v_proj") or "q_proj" not in names:
             out += width * e
     return out
 
 
-def _layer_elements(m: dict) -> int:
-    """Elements per token one decoder layer saves for backward, besides its LoRA branches."""
+def _layer_bytes(m: dict, e: int) -> float:
+    """Bytes per token one decoder layer saves for backward, besides its LoRA branches, with weights and
+    activations of e bytes (bf16/fp16: 2, under autocast as training runs; fp32: 4). Norm statistics and the
+    attention logsumexp are fp32 whenever the code computes them in fp32; with a half dtype GLM-4's RMSNorms
+    also keep fp32 copies of their inputs."""
     h, f, heads, d, kv = m["h"], m["f"], m["heads"], m["d"], m["kv"]
     q = heads * d
+    half = e < 4
     if m["arch"] == "glm4":
-        # 2 RMSNorm inputs + their rstd; q and k after rope, k and v repeated to all heads, SDPA output and its
-        # logsumexp; cos/sin; SwiGLU: dense_h_to_4h output (2f) and silu(gate) (f)
-        return 2 * h + 2 + 4 * q + heads + m["rot"] + 3 * f
+        # 2 RMSNorm inputs + their fp32 rstd; q and k after rope, k and v repeated to all heads, SDPA output and
+        # its fp32 logsumexp; cos/sin; SwiGLU: dense_h_to_4h output (2f) and silu(gate) (f); half: the RMSNorms'
+        # fp32 input copies
+        return e * (2 * h + 4 * q + m["rot"] + 3 * f) + 4 * (2 + heads) + half * 4 * 2 * h
     if m["arch"] == "chatglm":
         # 2 LayerNorm inputs + mean/rstd; the fused qkv output (3h) and q, k after 2-D rope and v (3h); cos/sin
-        # of the two position ids (d); logsumexp; the tanh-approximated gelu's 7 intermediates (f each)
-        return 2 * h + 4 + 3 * h + 3 * q + d + heads + 7 * f
-    # glm41v: 4 RMSNorm inputs + rstd; q (after rope) and SDPA output, k after rope and v (kv each); cos/sin
-    # (partial rotary); logsumexp; SwiGLU gate_up output (2f) + silu (f)
-    return 4 * h + 4 + 2 * q + 2 * kv + m["rot"] + heads + 3 * f
+        # of the two position ids (d); fp32 logsumexp; the tanh-approximated gelu's 7 intermediates (f each)
+        return e * (2 * h + 4 + 3 * h + 3 * q + d + 7 * f) + 4 * heads
+    # glm41v: 4 RMSNorm inputs, kept in fp32, + fp32 rstd; q (after rope) and SDPA output, k after rope and v (kv
+    # each); cos/sin (partial rotary); fp32 logsumexp; SwiGLU gate_up output (2f) + silu (f)
+    return 4 * (4 * h + 4 + heads) + e * (2 * q + 2 * kv + m["rot"] + 3 * f)
 
 
 def activation_bytes(config: dict, tokens: int, batch: int, dtype_bytes: int, checkpointing: bool,
@@ -151,10 +157,11 @@ def activation_bytes(config: dict, tokens: int, batch: int, dtype_bytes: int, ch
     hidden state; backward then recomputes one layer at a time, which adds `recompute` at the peak."""
     m = _dims(config)
     n = batch * tokens
-    layer = (_layer_elements(m) * dtype_bytes + lora_per_token) * n
+    layer = (_layer_bytes(m, dtype_bytes) + lora_per_token) * n
     # the loss: fp32 log-softmax over the vocabulary for every predicted token, and the int64 targets
     loss = batch * (tokens - 1) * (m["vocab"] * 4 + 8)
-    final = n * (m["h"] + 1) * dtype_bytes  # final norm input (+ rstd)
+    # final norm input + its statistics (fp32 copy with a half dtype)
+    final = n * (m["h"] * dtype_bytes + 4 + (dtype_bytes < 4) * 4 * m["h"])
     mask = batch * tokens * tokens * dtype_bytes if m["arch"] == "chatglm" else 0  # ChatGLM's float mask
     if checkpointing:
         saved = m["layers"] * n * m["h"] * dtype_bytes + final + loss + mask
@@ -208,8 +215,7 @@ def memory_table(recipe, gpus: int) -> dict:
     """The per-GPU estimate for every engine, at the recipe's max_length and batch size."""
     config = json.loads((Path(recipe.model.path) / "config.json").read_text())
     counts = parameter_counts(recipe)
-    e = DTYPE_BYTES["bfloat16"] if recipe.train.mixed_precision in ("bf16", "fp16") else \
-        DTYPE_BYTES[recipe.model.dtype]
+    e = DTYPE_BYTES[recipe.model.dtype]
     a = recipe.adapter
     lora = lora_bytes(counts["lora_inputs"], a.r, a.dropout, e) if a.method in ("lora", "qlora", "dora") else 0.0
     act = activation_bytes(config, recipe.data.max_length, recipe.train.batch_size, e,
