@@ -6,10 +6,14 @@ tree's, in the dtypes PEFT gives them). QLoRA is not quantized on meta: the line
 glmtune.adapters.qlora.quantizable() picks are counted as NF4 with double quantization,
 0.5 B/weight + 1 B (8-bit absmax) per 64-weight block + 4 B (fp32 second-level absmax) per 256 blocks.
 
-Engines (N GPUs): torch AdamW keeps 2 moments in the parameter dtype (one GPU, DDP) and a 4-byte step count per tensor; DeepSpeed keeps an fp32
-master copy + 2 fp32 moments (12 B per trainable parameter) and fp32 gradients, partitioned over the N ranks
-(ZeRO-2: optimizer + gradients; ZeRO-3: also the weights; ZeRO-3 + offload: optimizer states and gradients in
-CPU memory). This matches what training measures in summary.json "memory_per_rank".
+Engines (N GPUs): torch AdamW keeps 2 moments in the parameter dtype and a 4-byte step count per tensor (one
+GPU, DDP; DDP adds its all-reduce buckets, a copy of the gradients); DeepSpeed keeps an fp32 master copy + 2 fp32
+moments (12 B per trainable parameter) and fp32 gradients, partitioned over the N ranks (ZeRO-2: optimizer +
+gradients; ZeRO-3: also the weights; ZeRO-3 + offload: optimizer states and gradients in CPU memory). One process
+is checked against summary.json "memory_per_rank"; the DeepSpeed rules are those bench/bench_distributed.py
+measured (DDP 340/680 MiB, ZeRO-2 340/510, ZeRO-3 170/510 params/optimizer for 89M fp32 parameters on 2 ranks).
+Not counted: the CUDA context and allocator slack, ZeRO-3's gathered layer weights, and the transient forward
+memory of the frozen vision tower.
 
 Activations are structural: per layer, the tensors autograd saves for backward, counted from the widths
 (hidden h, ffn f, heads, head dim d, kv width, LoRA rank r), plus the fp32 log-softmax of the loss. The counts
@@ -73,7 +77,8 @@ def parameter_counts(recipe) -> dict:
     first = min((layer_index(n) for n, _ in lora if layer_index(n) is not None), default=None)
     return {"frozen_bytes": frozen, "quantized_bytes": quantized, "trainable_bytes": trainable,
             "trainable_params": trainable_n, "trainable_tensors": tensors,
-            "lora_inputs": [(n.split(".")[-3], i) for n, i in lora if layer_index(n) == first]}
+            "lora_inputs": [(n.split(".")[-3], i) for n, i in lora if layer_index(n) == first],
+            "lora_layers": len({layer_index(n) for n, _ in lora} - {None})}
 
 
 def engine_bytes(counts: dict, engine: str, gpus: int) -> dict:
@@ -82,8 +87,9 @@ def engine_bytes(counts: dict, engine: str, gpus: int) -> dict:
     base = counts["frozen_bytes"] + counts["quantized_bytes"]
     t, tn = counts["trainable_bytes"], counts["trainable_params"]
     if engine in ("single", "ddp"):
-        # + AdamW's fp32 step counter per tensor
-        return {"weights": base + t, "gradients": t, "optimizer": 2 * t + 4 * counts["trainable_tensors"], "cpu": 0}
+        # + AdamW's fp32 step counter per tensor; DDP also holds its all-reduce buckets, a copy of the gradients
+        return {"weights": base + t, "gradients": t * (2 if engine == "ddp" else 1),
+                "optimizer": 2 * t + 4 * counts["trainable_tensors"], "cpu": 0}
     if engine == "zero2":
         return {"weights": base + t, "gradients": 4 * tn / n, "optimizer": 12 * tn / n, "cpu": 0}
     if engine == "zero3":
@@ -112,16 +118,18 @@ def _dims(config: dict) -> dict:
             "vocab": config["vocab_size"], "rot": config["hidden_size"] // heads // 2}
 
 
-def lora_bytes(lora_inputs: list[tuple[str, int]], r: int, dropout: float, e: int) -> float:
+def lora_bytes(lora_inputs: list[tuple[str, int]], r: int, dropout: float, e: int, device: str = "cuda") -> float:
     """Bytes per token the LoRA branches of one layer save: lora_A's input and output (r). Without dropout the
     input is the base layer's own input, shared by q/k/v_proj (one storage); with dropout each module saves its
-    own dropped-out copy and the dropout's fp32 noise (PEFT runs the branch in its fp32 adapter dtype)."""
+    own dropped-out copy and what the dropout keeps for backward: on CUDA the fused kernel's bool mask (1 B per
+    element); on CPU (ATen's unfused dropout) the noise tensor in the branch's fp32 adapter dtype (4 B)."""
+    mask = 1 if device == "cuda" else 4
     names = {n for n, _ in lora_inputs}
     out = 0.0
     for name, width in lora_inputs:
         out += r * e
         if dropout > 0:
-            out += width * (e + 4)
+            out += width * (e + mask)
         elif name not in ("k_proj", "v_proj") or "q_proj" not in names:
             out += width * e
     return out
@@ -211,13 +219,16 @@ def measure_saved_bytes(model, batch: dict) -> int:
     return sum(seen.values())
 
 
-def memory_table(recipe, gpus: int) -> dict:
+def memory_table(recipe, gpus: int, device: str = "cuda") -> dict:
     """The per-GPU estimate for every engine, at the recipe's max_length and batch size."""
     config = json.loads((Path(recipe.model.path) / "config.json").read_text())
     counts = parameter_counts(recipe)
     e = DTYPE_BYTES[recipe.model.dtype]
     a = recipe.adapter
-    lora = lora_bytes(counts["lora_inputs"], a.r, a.dropout, e) if a.method in ("lora", "qlora", "dora") else 0.0
+    lora = 0.0
+    if a.method in ("lora", "qlora", "dora"):  # per adapted layer, spread over all layers (adapter.layers)
+        lora = lora_bytes(counts["lora_inputs"], a.r, a.dropout, e, device) * counts["lora_layers"] / \
+            _dims(config)["layers"]
     act = activation_bytes(config, recipe.data.max_length, recipe.train.batch_size, e,
                            recipe.model.gradient_checkpointing, lora)
     rows = {}
