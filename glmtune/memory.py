@@ -221,7 +221,12 @@ def measure_saved_bytes(model, batch: dict) -> int:
 
 def memory_table(recipe, gpus: int, device: str = "cuda") -> dict:
     """The per-GPU estimate for every engine, at the recipe's max_length and batch size."""
-    config = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    from glmtune.config import CheckpointError
+
+    path = Path(recipe.model.path) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; --memory needs the model's config.json (set model.path)")
+    config = json.loads(path.read_text())
     counts = parameter_counts(recipe)
     e = DTYPE_BYTES[recipe.model.dtype]
     a = recipe.adapter

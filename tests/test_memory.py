@@ -90,3 +90,11 @@ def test_cli_prints_the_table_for_a_full_size_config():
     assert set(rows) == {"single", "ddp", "zero2", "zero3", "zero3_offload"}
     # GLM-4V-9B: 13.9e9 parameters in bf16 = 25.9 GiB on one GPU; ZeRO-3 splits them over 8
     assert 25 < float(rows["single"][0]) < 27 and abs(float(rows["zero3"][0]) * 8 - float(rows["single"][0])) < 0.1
+
+
+def test_memory_without_config_json_is_one_clear_error(tmp_path):
+    from glmtune.config import CheckpointError
+    from glmtune.memory import memory_table
+
+    with pytest.raises(CheckpointError, match=r"config\.json: no such file.*model\.path"):
+        memory_table(tiny_recipe("glm4", tmp_path), gpus=8)
