@@ -59,7 +59,7 @@ def parameter_counts(recipe) -> dict:
         quant = {n + ".weight" for n in names}
         cfg = dataclasses.replace(cfg, method="lora")  # the trainable part is plain LoRA on top
     wrapped = attach(model, fam, cfg)
-    frozen = quantized = trainable = trainable_n = tensors = 0
+    frozen = quantized = quantized_n = trainable = trainable_n = tensors = 0
     for name, p in wrapped.named_parameters():
         plain = name.replace("base_model.model.", "").replace(".base_layer", "")
         if p.requires_grad:
@@ -68,6 +68,7 @@ def parameter_counts(recipe) -> dict:
             tensors += 1
         elif plain in quant:
             quantized += nf4_bytes(p.numel())
+            quantized_n += p.numel()
         else:
             frozen += p.numel() * p.element_size()
     # the LoRA inputs of one layer (the first adapted one; the estimate assumes every layer is alike)
@@ -75,7 +76,8 @@ def parameter_counts(recipe) -> dict:
             and fam.COMPONENTS and component_of(n.replace("base_model.model.", "") + ".weight",
                                                 fam.COMPONENTS) == "language"]
     first = min((layer_index(n) for n, _ in lora if layer_index(n) is not None), default=None)
-    return {"frozen_bytes": frozen, "quantized_bytes": quantized, "trainable_bytes": trainable,
+    return {"frozen_bytes": frozen, "quantized_bytes": quantized, "quantized_params": quantized_n,
+            "trainable_bytes": trainable,
             "trainable_params": trainable_n, "trainable_tensors": tensors,
             "lora_inputs": [(n.split(".")[-3], i) for n, i in lora if layer_index(n) == first],
             "lora_layers": len({layer_index(n) for n, _ in lora} - {None})}

@@ -66,18 +66,23 @@ def test_activations_match_saved_tensors(family, checkpointing, dtype, request):
     assert abs(est / got - 1) < 0.15, (est, got)
 
 
-def test_weights_and_optimizer_equal_what_training_measures(tiny_glm4, text_data, tmp_path):
-    """One process (DDP-like): param_bytes and optimizer_bytes of summary.json equal the meta-device counts."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_weights_and_optimizer_equal_what_training_measures(method, tiny_glm4, text_data, tmp_path):
+    """One process (DDP-like): param_bytes and optimizer_bytes of summary.json equal the meta-device counts
+    (QLoRA: the packed 4-bit weights are parameters, half a byte each; their absmax statistics are not)."""
     from glmtune.train import train
 
     out = tmp_path / "run"
-    recipe = load_recipe(ROOT / "recipes" / "glm4" / "lora.yaml", [
+    recipe = load_recipe(ROOT / "recipes" / "glm4" / f"{method}.yaml", [
         f"model.path={tiny_glm4}", f"data.train={text_data / 'train.jsonl'}", f"train.output_dir={out}",
         "train.max_steps=1", "train.resume=never", "log.progress_bar=false", "log.report_to=[jsonl]"])
     train(recipe)
     measured = json.loads((out / "summary.json").read_text())["memory_per_rank"][0]
-    b = engine_bytes(parameter_counts(recipe), "ddp", 1)
-    assert b["weights"] == measured["param_bytes"]
+    counts = parameter_counts(recipe)
+    b = engine_bytes(counts, "ddp", 1)
+    assert (method == "qlora") == (counts["quantized_params"] > 0)
+    absmax = counts["quantized_bytes"] - counts["quantized_params"] / 2
+    assert b["weights"] - absmax == measured["param_bytes"]
     assert b["optimizer"] == measured["optimizer_bytes"]
 
 
