@@ -43,7 +43,16 @@ def cmd_check(args):
     from glmtune.check import check
     from glmtune.config import load_recipe
 
-    report = check(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides, check_files=not args.memory)
+    if args.memory:  # the model's memory only: no data, no weights (built on the meta device)
+        from glmtune.memory import format_table, memory_table
+
+        report = memory_table(recipe, args.gpus)
+        print("\n".join(format_table(report)))
+        if args.json:
+            print(json.dumps(report, indent=2))
+        return 0
+    report = check(recipe)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0 if report["ok"] else 1
@@ -163,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
         if name == "check":
             s.add_argument("--json", action="store_true", help="also print the full report as JSON")
+            s.add_argument("--memory", action="store_true", help="print the per-GPU memory estimate of the recipe "
+                           "for one GPU, DDP, ZeRO-2, ZeRO-3 and ZeRO-3 + offload (needs only config.json)")
+            s.add_argument("--gpus", type=int, default=8, help="GPUs for --memory's DDP/ZeRO columns (default 8)")
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("eval", help="loss, perplexity, exact match, VQA accuracy, ROUGE and BLEU on a data file")
