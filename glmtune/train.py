@@ -32,7 +32,7 @@ from glmtune.checkpoint import (
 )
 from glmtune.config import CheckpointError, NonFiniteError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import StreamSpec, check_start, make_loader
+from glmtune.data.stream import StreamSpec, check_start, make_loader, shutdown_workers
 from glmtune.distributed import (
     all_gather,
     all_reduce_sum,
@@ -232,11 +232,11 @@ def stop_requested(received: list, world: int) -> bool:
 
 def train(recipe: Recipe) -> dict:
     """The summary of the run; {"stopped_by", "steps", "checkpoint", ...} if a signal stopped it early."""
-    with stop_signals() as received:
-        return _train(recipe, received)
+    with stop_signals() as received, contextlib.ExitStack() as cleanup:
+        return _train(recipe, received, cleanup)
 
 
-def _train(recipe: Recipe, received: list) -> dict:
+def _train(recipe: Recipe, received: list, cleanup: contextlib.ExitStack) -> dict:
     from tqdm.auto import tqdm
 
     from glmtune.logging import MetricsLogger, write_summary
@@ -260,6 +260,7 @@ def _train(recipe: Recipe, received: list) -> dict:
     val_spec = stream_spec(recipe, [recipe.data.val], rank, world, train=False) if recipe.data.val else None
     loader = make_loader(spec, processor, start_record=state["records"], num_workers=recipe.data.num_workers)
     batches = iter(loader)
+    cleanup.callback(shutdown_workers, batches)  # also on errors: a traceback would keep the workers alive
     # this process's counters; checkpoints and the summary hold the totals over processes and resumed runs
     stats, prior = DataStats(), {k: state[k] for k in ("samples", "tokens", "truncated", "skipped")}
     logger = MetricsLogger(out, recipe.log.report_to, recipe.log.run_name or out.name, to_dict(recipe), enabled=main,

@@ -316,3 +316,34 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(tiny_glm
         wait_gone(procs)
     finally:
         end(proc, procs)
+
+
+def test_a_loader_left_open_at_exit_does_not_hang_the_process(tiny_glm4, text_data, tmp_path):
+    """multiprocessing's exit handler terminates (SIGTERM) and joins the workers of a loader nobody shut down; a
+    worker that ignored SIGTERM for good made that join wait forever (seen: a DDP rank done with training hung at
+    exit). Workers now serve on for SIGTERM_GRACE_S after a SIGTERM, then end."""
+    from glmtune.data.stream import SIGTERM_GRACE_S
+
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "from glmtune.data.stream import StreamSpec, make_loader\n"
+        "from glmtune.models import get_family\n"
+        "if __name__ == '__main__':  # the fork server's children import this module too\n"
+        f"    processor = get_family('glm4').load_processor({str(tiny_glm4)!r})\n"
+        f"    spec = StreamSpec(files=[{str(text_data / 'train.jsonl')!r}], format='glm4', max_length=64,"
+        " batch_size=2)\n"
+        "    LEAKED = iter(make_loader(spec, processor, num_workers=1))  # a module global: alive until exit\n"
+        "    next(LEAKED)\n"
+        "    print('read a batch', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        out, _ = proc.communicate(timeout=SIGTERM_GRACE_S + 60)  # start-up + the grace, with room for a busy CI
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the process hung at exit joining its DataLoader worker")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and b"read a batch" in out, out.decode()[-2000:]

@@ -318,24 +318,41 @@ def _worker_init(trainer_pid: int, worker_id: int):
     SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (schedulers signal every process of a job) are
     the trainer's: it finishes its step (for which it may need more batches), saves a checkpoint and shuts the
     workers down. (The fork server ignores both too: glmtune.data.forkserver_preload.)
+    A SIGTERM is not ignored for good, though: multiprocessing's exit handler in the trainer terminates (SIGTERM)
+    and then joins the workers of a loader that was never shut down, which would wait forever on a worker that
+    ignores it. So a worker serves on for SIGTERM_GRACE_S seconds after a SIGTERM (the trainer's step), then ends.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
+        target=_exit_with, args=(trainer_pid, SIGTERM_GRACE_S), daemon=True).start())
     threading.Thread(target=_exit_with, args=(trainer_pid,), name="glmtune-exit-with-trainer", daemon=True).start()
 
 
-def _exit_with(pid: int):
-    """Block until process `pid` has ended, then end this process at once."""
+SIGTERM_GRACE_S = 10.0  # how long a worker serves on after a SIGTERM, unless the trainer ends first
+
+
+def _exit_with(pid: int, timeout: float | None = None):
+    """Block until process `pid` has ended (or `timeout` seconds have passed), then end this process at once."""
     try:
         fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has ended, whoever its parent is
     except ProcessLookupError:
         os._exit(1)  # the trainer died before this worker got here
     except (AttributeError, OSError):  # no pidfd (macOS, old kernels, some sandboxes): poll
-        while _alive(pid):
-            time.sleep(1.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while _alive(pid) and (deadline is None or time.monotonic() < deadline):
+            time.sleep(min(1.0, timeout or 1.0))
         os._exit(1)
-    select.select([fd], [], [])
+    select.select([fd], [], [], timeout)
     os._exit(1)
+
+
+def shutdown_workers(batches) -> None:
+    """End a loader iterator's workers now (the trainer's last step, and on errors), instead of whenever the
+    iterator is garbage-collected: at interpreter exit that can be after multiprocessing's exit handler, which
+    terminates and joins them. `_shutdown_workers` is PyTorch's own (private) shutdown of a worker iterator."""
+    stop = getattr(batches, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 def _alive(pid: int) -> bool:
