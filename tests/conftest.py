@@ -77,3 +77,33 @@ def text_data(tmp_path_factory) -> Path:
                 f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                                  {"role": "assistant", "content": colour}]}) + "\n")
     return out
+
+
+# four questions whose answers only memory gives (one in Chinese)
+QA = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"), ("天空是什么颜色？", "蓝色"),
+      ("How many legs has a cat?", "four")]
+
+
+def write_jsonl(path: Path, pairs) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for q, a in pairs:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def memorised_glm4(tiny_glm4, tmp_path_factory):
+    """(checkpoint, data): a LoRA on the tiny GLM-4 that learned the four QA answers by heart (30 steps on the
+    same 4 samples); chat, eval, predict and serve tests check that those answers come back. Built once."""
+    from glmtune.config import load_recipe
+    from glmtune.train import train
+
+    out = tmp_path_factory.mktemp("memorised")
+    data = write_jsonl(out / "qa.jsonl", QA)
+    recipe = load_recipe(REPO / "recipes/glm4/lora.yaml", [
+        f"model.path={tiny_glm4}", f"data.train={data}", f"train.output_dir={out / 'run'}", "model.dtype=float32",
+        "train.mixed_precision=no", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=30", "train.lr=2e-2",
+        "train.warmup_ratio=0", "adapter.dropout=0.0", "train.save_every=0", "data.max_length=64",
+        "data.num_workers=0", "data.shuffle_buffer=0", "log.progress_bar=false", "train.resume=never"])
+    return train(recipe)["checkpoint"], data

@@ -137,36 +137,22 @@ def test_chat_and_eval(request, recipe_name, tmp_path):
     assert "(history cleared)" in printed and sum(p.startswith("\nGLM:") for p in printed) == 2
 
 
-# four questions whose answers only memory gives
-MEMORY = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"),
-          ("What colour is a lemon?", "yellow"), ("What colour is blood?", "red")]
-
-
-def test_trained_answers_come_back_in_chat_and_eval(tiny_glm4, tmp_path):
-    """A LoRA that memorises four question -> answer pairs answers them in eval and in chat (from the checkpoint,
+def test_trained_answers_come_back_in_chat_and_eval(tiny_glm4, memorised_glm4, tmp_path):
+    """A LoRA that memorised four question -> answer pairs answers them in eval and in chat (from the checkpoint,
     and from the base folder plus --adapter)."""
+    from conftest import QA
+
     from glmtune.chat import chat
     from glmtune.evaluate import evaluate
-    from glmtune.train import train
 
-    data = tmp_path / "memory.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in MEMORY))
-    summary = train(load_recipe(ROOT / "recipes/glm4/lora.yaml", [
-        f"model.path={tiny_glm4}", f"data.train={data}", "data.val=null", f"train.output_dir={tmp_path / 'run'}",
-        "model.dtype=float32", "train.mixed_precision=no", "model.gradient_checkpointing=false",
-        "adapter.target=[query_key_value,dense,dense_h_to_4h,dense_4h_to_h]", "adapter.dropout=0.0",
-        "train.batch_size=4", "train.grad_accum=1", "train.max_steps=24", "train.lr=2e-2",
-        "train.lr_scheduler=constant", "train.save_every=0", "data.num_workers=0", "log.progress_bar=false",
-        "train.resume=never"]))
-    ckpt = summary["checkpoint"]
+    ckpt, data = memorised_glm4
     report = evaluate(ckpt, data, out=tmp_path / "eval.json", max_new_tokens=8, print_fn=lambda s: None)
-    # every answer, exactly (loss ~0.9 after 24 steps; the same under 1 and 2 threads, AVX-512 and AVX2)
-    assert [(e["reference"], e["prediction"]) for e in report["examples"]] == [(a, a) for _, a in MEMORY]
+    # every answer, exactly (the same under 1 and 2 threads, AVX-512 and AVX2)
+    assert [(e["reference"], e["prediction"]) for e in report["examples"]] == [(a, a) for _, a in QA]
     assert report["exact_match"] == 1.0
-    for question, answer in MEMORY:
+    for question, answer in QA:
         assert chat(ckpt, prompt=question, max_new_tokens=8, print_fn=lambda s: None) == answer
-    assert chat(tiny_glm4, adapter=ckpt, prompt=MEMORY[0][0], max_new_tokens=8, print_fn=lambda s: None) == "blue"
+    assert chat(tiny_glm4, adapter=ckpt, prompt=QA[0][0], max_new_tokens=8, print_fn=lambda s: None) == "blue"
 
 
 def test_glm4_text_family_rejects_images(request, tmp_path, shapes_data):

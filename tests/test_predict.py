@@ -13,47 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-QA = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"), ("天空是什么颜色？", "蓝色"),
-      ("How many legs has a cat?", "four")]
-
-
-def write_jsonl(path: Path, pairs) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for q, a in pairs:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                               ensure_ascii=False) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def memorised(tiny_glm4, tmp_path_factory):
-    """A LoRA on the tiny GLM-4 that learned four answers by heart (30 steps on the same 4 samples)."""
-    from glmtune.train import train
-
-    out = tmp_path_factory.mktemp("memorised")
-    data = write_jsonl(out / "qa.jsonl", QA)
-    recipe = load_recipe(ROOT / "recipes/glm4/lora.yaml", [
-        f"model.path={tiny_glm4}", f"data.train={data}", f"train.output_dir={out / 'run'}", "model.dtype=float32",
-        "train.mixed_precision=no", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=30", "train.lr=2e-2",
-        "train.warmup_ratio=0", "adapter.dropout=0.0", "train.save_every=0", "data.max_length=64",
-        "data.num_workers=0", "data.shuffle_buffer=0", "log.progress_bar=false", "train.resume=never"])
-    return train(recipe)["checkpoint"], data
+from conftest import QA, write_jsonl  # noqa: E402  (the memorised_glm4 fixture's questions)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_trained_model_answers_alike_in_chat_predict_and_eval(memorised, tmp_path):
+def test_trained_model_answers_alike_in_chat_predict_and_eval(memorised_glm4, tmp_path):
     from glmtune.chat import chat
     from glmtune.evaluate import evaluate
     from glmtune.generation import GenerationOptions
     from glmtune.predict import predict
 
-    ckpt, data = memorised
+    ckpt, data = memorised_glm4
     options = GenerationOptions(max_new_tokens=8)
     predict(ckpt, data, tmp_path / "p.jsonl", batch_size=4, options=options, print_fn=lambda s: None)
     lines = read_jsonl(tmp_path / "p.jsonl")

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_predict import QA, memorised  # noqa: F401  (the memorised fixture, by name)
+from conftest import QA
 
 KEY = "test-key"
 
@@ -199,10 +199,10 @@ def test_server_answers_as_generate_text_streams_bounds_and_rejects(tiny_glm4v, 
     assert "Traceback" not in server.log_path.read_text()
 
 
-def test_trained_model_answers_through_the_server(memorised, tmp_path):
+def test_trained_model_answers_through_the_server(memorised_glm4, tmp_path):
     """The tiny GLM-4 LoRA of test_predict that memorised four answers (greedy: the same text as its chat and
     predict answers there) gives them through the OpenAI route, streamed, and the seed's simple API."""
-    ckpt, _ = memorised
+    ckpt, _ = memorised_glm4
     with Server(tmp_path, str(ckpt), "--api-key", KEY, "--max-new-tokens", "8", "--model-name", "tuned") as server:
         client = server.client()
         for q, a in QA:
