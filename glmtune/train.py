@@ -22,7 +22,7 @@ from glmtune.adapters import attach
 from glmtune.checkpoint import find_resume, load_resume_state, save_checkpoint, saved_world_size
 from glmtune.config import CheckpointError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import StreamSpec, make_loader
+from glmtune.data.stream import StreamSpec, make_loader, start_worker_server
 from glmtune.distributed import (
     all_gather,
     all_reduce_sum,
@@ -187,6 +187,9 @@ def setup(recipe: Recipe):
                               f"train.output_dir")
     set_seed(recipe.train.seed)
     family = get_family(recipe.model.family)
+    processor = family.load_processor(recipe.model.path)
+    if recipe.data.num_workers:  # the workers' fork server does its imports while the model loads
+        start_worker_server(processor)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
     if recipe.model.gradient_checkpointing:
         # transformers 5 renamed it; native models keep the classic name
@@ -195,7 +198,6 @@ def setup(recipe: Recipe):
         model.enable_input_require_grads()
     model = attach(model, family, recipe.adapter)
     model.train()
-    processor = family.load_processor(recipe.model.path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     t = recipe.train
