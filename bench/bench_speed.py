@@ -179,7 +179,7 @@ def merge_speed(model: Path, ckpt: Path, tmp: Path) -> dict:
     shutil.copytree(model, tmp / "copy")
     copy_s = time.perf_counter() - tic
     code = ("import resource, sys; from glmtune.cli import main; code = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
     tic = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, "merge", str(ckpt), "--out", str(tmp / "merged")],
                           check=True, capture_output=True, text=True, cwd=ROOT)
