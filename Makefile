@@ -16,3 +16,4 @@ bench: install
 	python bench/bench_methods.py --out bench/results/methods.json
 	python bench/bench_loading.py --out bench/results/loading.json
 	python bench/bench_distributed.py --out bench/results/distributed.json
+	python bench/bench_speed.py --out bench/results/speed.json

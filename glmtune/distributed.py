@@ -148,6 +148,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def unwrap(accelerator, model):
+    """accelerator.unwrap_model(model), without the import of DeepSpeed (seconds) that it does whenever
+    DeepSpeed is installed: in one process without DeepSpeed, accelerate does not wrap the model."""
+    if accelerator.num_processes == 1 and not uses_deepspeed(accelerator):
+        return model
+    return accelerator.unwrap_model(model)
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

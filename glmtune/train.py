@@ -32,7 +32,7 @@ from glmtune.checkpoint import (
 )
 from glmtune.config import CheckpointError, NonFiniteError, Recipe, RecipeError, to_dict
 from glmtune.data.sample import SampleError
-from glmtune.data.stream import StreamSpec, check_start, make_loader, shutdown_workers
+from glmtune.data.stream import StreamSpec, check_start, make_loader, shutdown_workers, start_worker_server
 from glmtune.distributed import (
     all_gather,
     all_reduce_sum,
@@ -42,6 +42,7 @@ from glmtune.distributed import (
     memory_per_rank,
     peak_rss_bytes,
     run_vision_on_every_batch,
+    unwrap,
     uses_deepspeed,
 )
 from glmtune.models import get_family
@@ -74,15 +75,57 @@ class DataStats:
         self.skipped.extend([list(s) for s in item["skipped"]])
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross entropy over target tokens, and their count."""
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is a target in some row of the batch: the only positions whose
+    logits the loss reads (prompts and image tokens are most of a VLM sequence)."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+
+
+def token_loss_sum(model, batch: dict, keep_logits: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross entropy over target tokens, and their count.
+
+    With `keep_logits` (models whose forward takes transformers' tensor `logits_to_keep`), the LM head runs
+    only at target positions: the same loss, without the (batch, length, vocab) logits of every prompt token.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1]
-    targets = labels[:, 1:].to(logits.device)
+    if keep_logits:
+        positions = target_positions(labels)
+        logits = model(**inputs, logits_to_keep=positions).logits  # (B, len(positions), V)
+        targets = labels[:, positions + 1].to(logits.device)
+    else:
+        logits = model(**inputs).logits[:, :-1]
+        targets = labels[:, 1:].to(logits.device)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the (unwrapped, PEFT-free) model's forward accepts `logits_to_keep` (transformers 5 models)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def lr_schedule(name: str, warmup: int, total: int):
+    """LR factor per step, as transformers' get_scheduler computes it (cosine with half a cycle; "constant"
+    ignores warmup there too); ours so that training does not import transformers.optimization (seconds)."""
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        if name == "linear":
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return factor
+
+
+def make_scheduler(optimizer, name: str, warmup: int, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(name, warmup, total))
 
 
 def stream_spec(recipe: Recipe, files: list[str], rank: int, world: int, train: bool) -> StreamSpec:
@@ -135,7 +178,6 @@ def _to(batch: dict, model) -> dict:
 def setup(recipe: Recipe):
     """Everything the loop needs, resumed from a checkpoint when one applies."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     resume_from = find_resume(recipe)
     saved_world = saved_world_size(resume_from) if resume_from is not None else None
@@ -155,6 +197,9 @@ def setup(recipe: Recipe):
                               f"train.output_dir")
     set_seed(recipe.train.seed)
     family = get_family(recipe.model.family)
+    processor = family.load_processor(recipe.model.path)
+    if recipe.data.num_workers:  # the workers' fork server does its imports while the model loads
+        start_worker_server(processor)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
     if recipe.model.gradient_checkpointing:
         # transformers 5 renamed it; native models keep the classic name
@@ -165,12 +210,10 @@ def setup(recipe: Recipe):
         family.enable_packing(model)  # attention that keeps packed samples apart
     model = attach(model, family, recipe.adapter)
     model.train()
-    processor = family.load_processor(recipe.model.path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     t = recipe.train
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
-                              num_training_steps=t.max_steps)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler, math.ceil(t.warmup_ratio * t.max_steps), t.max_steps)
     state = {"step": 0, "records": 0, "samples": 0, "tokens": 0, "truncated": 0, "skipped": [],
              "steps_without_targets": 0}
     if resume_from is not None:  # find_resume verified its files; now: does it fit this model?
@@ -179,7 +222,7 @@ def setup(recipe: Recipe):
     model, optimizer = accelerator.prepare(model, optimizer)
     if uses_deepspeed(accelerator):
         zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-        run_vision_on_every_batch(accelerator.unwrap_model(model), family, zero_stage)
+        run_vision_on_every_batch(unwrap(accelerator, model), family, zero_stage)
     if resume_from is not None and uses_deepspeed(accelerator):
         model.load_checkpoint(str(deepspeed_resume_dir(resume_from, accelerator, saved_world)), tag="state",
                               load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -287,54 +330,62 @@ def _train(recipe: Recipe, received: list, cleanup: contextlib.ExitStack) -> dic
                 model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
             accelerator.wait_for_everyone()
         # ZeRO-3 partitions the weights too: gather them (a collective) for the adapter / full-weight files
-        full_state = gathered_trainable_state(accelerator.unwrap_model(model), main) if zero3 else None
+        full_state = gathered_trainable_state(unwrap(accelerator, model), main) if zero3 else None
         if main:
             position = {"step": step, "records": state["records"], "world_size": world,
                         "steps_without_targets": state["steps_without_targets"],
                         "nonfinite_steps": nonfinite_steps}
-            save_checkpoint(out / name, accelerator.unwrap_model(model), None if deepspeed else optimizer,
+            save_checkpoint(out / name, unwrap(accelerator, model), None if deepspeed else optimizer,
                             scheduler, recipe, {**position, **totals}, keep, state_dict=full_state)
         accelerator.wait_for_everyone()
         last_checkpoint = out / name
 
-    step, last_good, fallback = state["step"], None, _to(fallback, model)
+    step, last_good = state["step"], None
+    device = accelerator.device
+    fallback = {k: v.to(device) for k, v in fallback.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]  # walked once, not in every step
+    keep_logits = takes_logits_to_keep(unwrap(accelerator, model))
     while step < t.max_steps:
         tic = time.time()
         # Dropout draws from a generator seeded by (seed, step, rank): a resumed run draws exactly what the
         # uninterrupted one did, whatever else consumed randomness before (loaders, evals), with no saved state.
         torch.manual_seed(t.seed + 1_000_003 * (step + 1) + 7_919 * rank)
         micro = []  # (batch, weight): every rank runs grad_accum backward passes, or DDP would wait forever
-        real_tokens = 0  # tokens of real samples (not padding) read this step
+        n_local = tokens_local = 0  # counted on the host copy: no device sync
+        data_wait = 0.0  # seconds this step waited for its batches (should be ~0: the workers keep ahead)
         for _ in range(t.grad_accum):
+            waited = time.perf_counter()
             item = next(batches)
+            data_wait += time.perf_counter() - waited
             stats.add(item)
             state["records"] = item["position"]
             if item["batch"] is not None:
-                real_tokens += item["tokens"]
-                last_good = _to(item["batch"], model)
+                n_local += int((item["batch"]["labels"][:, 1:] != -100).sum())
+                tokens_local += item["tokens"]
+                last_good = {k: v.to(device, non_blocking=True) for k, v in item["batch"].items()}
                 micro.append((last_good, 1.0))
             else:  # every record of this batch was bad: a weightless pass keeps ranks in step
                 micro.append((last_good if last_good is not None else fallback, 0.0))
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, w in micro if w)
-        n_total = int(all_reduce_sum([n_local])[0])
+        n_total = int(all_reduce_sum([n_local])[0]) if world > 1 else n_local
         if n_total == 0:  # no target token on any process: nothing to learn, so not a training step; read on
             state["steps_without_targets"] += 1
             continue
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for b, weight in micro:
             # accelerate synchronises gradients (DDP) and steps DeepSpeed only on the last micro-batch of a step
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, b)
+                    loss_sum, _ = token_loss_sum(model, b, keep_logits)
                 # DDP and DeepSpeed average gradients over ranks and divide the loss by grad_accum; undo both,
                 # since the loss is already normalised by the target tokens of the whole global step
                 accelerator.backward(loss_sum * (weight * world * t.grad_accum / max(n_total, 1)))
-            loss_total += weight * loss_sum.item()
+            loss_total += weight * loss_sum.detach()
         if deepspeed:  # DeepSpeed clips by its config (gradient_clipping) inside its step, run by backward
             grad_norm = model.get_global_grad_norm()
         else:  # max_grad_norm 0: the norm is still measured (an infinite bound never clips) for the check below
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-        loss_total = all_reduce_sum([loss_total])[0]
+            grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm or math.inf)
+        # the one host sync of a step (and, with several processes, the one collective): whether to apply it
+        loss_total = all_reduce_sum([loss_total.item()])[0] if world > 1 else loss_total.item()
         loss = loss_total / max(n_total, 1)
         # the same decision on every rank: the loss is summed over ranks, the gradient norm is global. Under fp16
         # loss scaling (GPU) an inf gradient is the scaler's signal: it skips that step and lowers its scale itself.
@@ -357,18 +408,20 @@ def _train(recipe: Recipe, received: list, cleanup: contextlib.ExitStack) -> dic
             if main:
                 print(f"glmtune train: step {step}: non-finite loss {loss} / gradient norm {grad_norm}: update "
                       f"dropped (train.on_nonfinite=skip_step)", file=sys.stderr, flush=True)
-        tokens_per_s = real_tokens * world / max(time.time() - tic, 1e-9)
-        if finite:
+        else:
             history.append(loss)
         if step % recipe.log.log_every == 0 or step == t.max_steps:
+            tokens_per_s = tokens_local * world / max(time.time() - tic, 1e-9)
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
-                       "target_tokens": n_total, "skipped": len(stats.skipped)}
+                       "target_tokens": n_total, "data_wait_s": data_wait, "skipped": len(stats.skipped)}
             if nonfinite_steps:
                 metrics["dropped_updates"] = len(nonfinite_steps)
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             logger.log(step, metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped))
+            # refresh=False: the bar redraws on its own clock (mininterval), not on every logged step
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", skipped=len(stats.skipped),
+                            refresh=False)
         bar.update(1)
         if recipe.data.val and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             last_eval = eval_loss(model, processor, val_spec, val_fallback)

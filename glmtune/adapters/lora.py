@@ -7,6 +7,8 @@ gives on the official model, so `PeftModel.from_pretrained(base, ckpt)` works wi
 from __future__ import annotations
 
 import re
+import sys
+from contextlib import contextmanager
 
 from glmtune.adapters.trainable import component_of, lora_target_regex, peft_full_targets
 from glmtune.config import RecipeError
@@ -18,7 +20,32 @@ def layer_index(module_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+@contextmanager
+def without_bitsandbytes(needed: bool):
+    """Keep PEFT from importing bitsandbytes (seconds of start-up: `import peft` imports it whenever it is
+    installed) when the recipe does not quantize. A None entry in sys.modules makes `import bitsandbytes` an
+    ImportError and find_spec() None, so PEFT takes it as absent; afterwards PEFT's cached answers are
+    cleared, so a later QLoRA model in the same process still finds it."""
+    if needed or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        import_utils = sys.modules.get("peft.import_utils")
+        for name in ("is_bnb_available", "is_bnb_4bit_available"):
+            getattr(getattr(import_utils, name, None), "cache_clear", lambda: None)()
+
+
 def attach_lora(model, family, cfg):
+    with without_bitsandbytes(cfg.method == "qlora"):
+        return _attach_lora(model, family, cfg)
+
+
+def _attach_lora(model, family, cfg):
     from peft import LoraConfig, get_peft_model
 
     modes = cfg.components

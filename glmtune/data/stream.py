@@ -293,17 +293,26 @@ def make_loader(spec: StreamSpec, processor, start_record: int = 0, num_workers:
     return torch.utils.data.DataLoader(
         BatchStream(spec, processor, start_record), batch_size=None, num_workers=num_workers,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
-        multiprocessing_context=_forkserver() if num_workers else None,
+        multiprocessing_context=start_worker_server(processor) if num_workers else None,
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None,
     )
 
 
-def _forkserver():
+def start_worker_server(processor):
+    """The fork server's context, the server started now (the trainer calls this before loading the model, so
+    the server's imports overlap with it). It preloads this module and the modules of the processor's parts
+    (tokenizer, image processor: transformers' take seconds), which every worker would otherwise import anew
+    when it unpickles the stream. The preload list counts only before the server first starts."""
     import multiprocessing
+    import multiprocessing.forkserver
 
+    parts = [processor, *vars(processor).values()]
+    # forkserver_preload first: the server ignores SIGTERM from then on (read it)
+    preload = ["glmtune.data.forkserver_preload", "glmtune.data.stream",
+               *sorted({type(x).__module__ for x in parts} - {"builtins"})]
     context = multiprocessing.get_context("forkserver")
-    # imported once by the server, not by every worker; forkserver_preload: it ignores SIGTERM (read it)
-    context.set_forkserver_preload(["glmtune.data.forkserver_preload", "glmtune.data.stream"])
+    context.set_forkserver_preload(preload)
+    multiprocessing.forkserver.ensure_running()
     return context
 
 
