@@ -50,7 +50,7 @@ BASE = [f"train.batch_size={BATCH}", f"data.num_workers={WORKERS}", f"adapter.r=
         "log.report_to=[jsonl]", "data.max_length=2048", "data.on_bad_sample=skip", "train.grad_accum=1"]
 CONFIGS = {
     "glmtune": [],
-    # "glmtune_packed": ["data.packing=true"],  # H6's packing: one line per configuration
+    "glmtune_packed": ["data.packing=true"],  # samples share rows up to data.max_length, each seeing only itself
 }
 WORDS = ("the red blue green yellow circle square triangle shape colour top left right bottom image is in of a "
          "what where which picture there one small large").split()

@@ -268,10 +268,11 @@ def _file_shapes(path: Path) -> dict[str, tuple]:
 
 def _weight_shapes(model) -> dict[str, tuple]:
     """Official parameter name -> full shape of the model about to receive an adapter: unwrapped from PEFT
-    (base_layer / original_module), the original shape of 4-bit and ZeRO-3-partitioned weights."""
+    (base_layer / original_module), the original shape of 4-bit and ZeRO-3-partitioned weights. Buffers too: a
+    module trained in full is saved with its persistent buffers (e.g. a rotary `inv_freq`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     shapes = {}
-    for name, p in base.named_parameters():
+    for name, p in [*base.named_parameters(), *base.named_buffers()]:
         if ".modules_to_save." in name:
             continue
         if ".lora_" in name:  # an attached adapter (train.resume): under the name PEFT saves it with

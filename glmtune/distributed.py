@@ -107,8 +107,14 @@ def free_port() -> int:
 
 def make_accelerator(recipe: Recipe, load_universal: bool = False):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    # accelerate keeps one state per process and refuses another precision once it is set; train() may run
+    # again in the same process (a notebook, the tests) with another recipe. The process group (PartialState)
+    # stays as it is.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     ds = deepspeed_config(recipe)
     if ds is not None and load_universal:  # resuming a ZeRO checkpoint under a new process count
         ds["checkpoint"] = {"load_universal": True}

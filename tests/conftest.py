@@ -79,23 +79,12 @@ def text_data(tmp_path_factory) -> Path:
     return out
 
 
-# four questions whose answers only memory gives (one in Chinese)
-QA = [("What colour is the sky?", "blue"), ("What colour is grass?", "green"), ("天空是什么颜色？", "蓝色"),
-      ("How many legs has a cat?", "four")]
-
-
-def write_jsonl(path: Path, pairs) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for q, a in pairs:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                               ensure_ascii=False) + "\n")
-    return path
-
-
 @pytest.fixture(scope="session")
 def memorised_glm4(tiny_glm4, tmp_path_factory):
     """(checkpoint, data): a LoRA on the tiny GLM-4 that learned the four QA answers by heart (30 steps on the
     same 4 samples); chat, eval, predict and serve tests check that those answers come back. Built once."""
+    from memorised_qa import QA, write_jsonl
+
     from glmtune.config import load_recipe
     from glmtune.train import train
 

@@ -140,7 +140,7 @@ def test_chat_and_eval(request, recipe_name, tmp_path):
 def test_trained_answers_come_back_in_chat_and_eval(tiny_glm4, memorised_glm4, tmp_path):
     """A LoRA that memorised four question -> answer pairs answers them in eval and in chat (from the checkpoint,
     and from the base folder plus --adapter)."""
-    from conftest import QA
+    from memorised_qa import QA
 
     from glmtune.chat import chat
     from glmtune.evaluate import evaluate

@@ -61,8 +61,8 @@ def test_skip_step_drops_the_update_and_counts_it(tiny_glm4, text_data, tmp_path
 
     real, calls = glmtune.train.token_loss_sum, []
 
-    def loss_nan_at_step_2(model, batch):
-        loss, n = real(model, batch)
+    def loss_nan_at_step_2(model, batch, *rest):
+        loss, n = real(model, batch, *rest)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 2 else loss), n
 

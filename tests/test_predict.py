@@ -15,7 +15,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
-from conftest import QA, write_jsonl  # noqa: E402  (the memorised_glm4 fixture's questions)
+from memorised_qa import QA, write_jsonl  # noqa: E402  (the memorised_glm4 fixture's questions)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import QA
+from memorised_qa import QA
 
 KEY = "test-key"
 
