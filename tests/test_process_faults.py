@@ -24,23 +24,34 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "glm4" / "lora.yaml"
-MAX_STEPS, SAVE_EVERY = 12, 3
+MAX_STEPS, SAVE_EVERY = 20, 3  # room after the kill legs for the SIGTERM and SIGINT legs to stop early
 GONE_WITHIN_S = 10.0  # measured here: every process of the run gone 0.5-3 s after SIGKILL (3 s with 8x load)
 
-# Run in the child instead of `-m glmtune`: an audit hook that pauses the N-th file opened for writing inside a
-# `*.tmp` folder (a checkpoint being written) and tells the test, which kills the process there: mid-save.
-PAUSE_IN_SAVE = """
+# Run in the child instead of `-m glmtune` when a test needs a hook: PAUSE_AT_WRITE, an audit hook that pauses the
+# N-th file opened for writing inside a `*.tmp` folder (a checkpoint being written) and tells the test, which kills
+# the process there: mid-save; SLOW_STEP_S, a sleep before each micro-batch's loss (results unchanged), so that a
+# signal sent after step N surely arrives before the tiny model's last step (at full speed it can finish all
+# MAX_STEPS between the test seeing step N and the signal arriving).
+HOOKED_CHILD = """
 import os, sys, time
 from pathlib import Path
-n, marker, seen = int(os.environ["PAUSE_AT_WRITE"]), os.environ["PAUSE_MARKER"], []
-def pause(event, args):
-    if event == "open" and isinstance(args[0], str) and isinstance(args[1], str) and "w" in args[1] \
-            and Path(args[0]).parent.suffix == ".tmp":
-        seen.append(args[0])
-        if len(seen) == n:
-            Path(marker).write_text(str(args[0]))
-            time.sleep(600)
-sys.addaudithook(pause)
+if "PAUSE_AT_WRITE" in os.environ:
+    n, marker, seen = int(os.environ["PAUSE_AT_WRITE"]), os.environ["PAUSE_MARKER"], []
+    def pause(event, args):
+        if event == "open" and isinstance(args[0], str) and isinstance(args[1], str) and "w" in args[1] \
+                and Path(args[0]).parent.suffix == ".tmp":
+            seen.append(args[0])
+            if len(seen) == n:
+                Path(marker).write_text(str(args[0]))
+                time.sleep(600)
+    sys.addaudithook(pause)
+if "SLOW_STEP_S" in os.environ:
+    import glmtune.train
+    real = glmtune.train.token_loss_sum
+    def slow(*args):
+        time.sleep(float(os.environ["SLOW_STEP_S"]))
+        return real(*args)
+    glmtune.train.token_loss_sum = slow
 from glmtune.cli import main
 sys.exit(main())
 """
@@ -53,8 +64,8 @@ def overrides(model: Path, data: Path, out: Path) -> list[str]:
             "data.max_length=64", "log.progress_bar=false", "log.report_to=[jsonl]", "train.resume=auto"]
 
 
-def start(args: list[str], out_log: Path, env: dict | None = None, pause_in_save: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", PAUSE_IN_SAVE] if pause_in_save else [sys.executable, "-m", "glmtune"]
+def start(args: list[str], out_log: Path, env: dict | None = None, hooked: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", HOOKED_CHILD] if hooked else [sys.executable, "-m", "glmtune"]
     threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the reference run in this process
     with open(out_log.with_suffix(".out"), "w") as stdout, open(out_log.with_suffix(".err"), "w") as stderr:
         # own session: the test can signal the whole process group, as a terminal's Ctrl-C or a scheduler does
@@ -232,7 +243,7 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_adapter(tiny_glm4, 
 
     # 1. SIGKILL at a random moment after checkpoint-3, mid-step
     log = tmp_path / "kill-mid-step"
-    proc = start(args, log)
+    proc = start(args, log, env={"SLOW_STEP_S": "0.1"}, hooked=True)
     kill_after = rng.choice([4, 5])
     wait_for(lambda: max(train_rows(out), default=0) >= kill_after, proc, log, f"step {kill_after}")
     time.sleep(rng.uniform(0.0, 0.3))
@@ -246,7 +257,7 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_adapter(tiny_glm4, 
     log = tmp_path / "kill-mid-save"
     marker = tmp_path / "paused-in-save"
     proc = start(args, log, env={"PAUSE_AT_WRITE": str(rng.choice([1, 2, 3])), "PAUSE_MARKER": str(marker)},
-                 pause_in_save=True)
+                 hooked=True)
     wait_for(marker.exists, proc, log, "the pause in a checkpoint's save")
     saving_step = int(latest.name.split("-")[1]) + SAVE_EVERY
     saving = out / f"checkpoint-{saving_step}"
@@ -257,13 +268,13 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_adapter(tiny_glm4, 
 
     # 3. SIGTERM to every process of the run (as a scheduler does before it kills)
     log = tmp_path / "sigterm"
-    proc = start(args, log)
+    proc = start(args, log, env={"SLOW_STEP_S": "0.2"}, hooked=True)
     wait_for(lambda: max(train_rows(out), default=0) >= saving_step + 1, proc, log, f"step {saving_step + 1}")
     stopped = stop_with(signal.SIGTERM, proc, log, out)
 
     # 4. Ctrl-C (SIGINT to the process group)
     log = tmp_path / "sigint"
-    proc = start(args, log)
+    proc = start(args, log, env={"SLOW_STEP_S": "0.2"}, hooked=True)
     wait_for(lambda: max(train_rows(out), default=0) >= stopped + 1, proc, log, f"step {stopped + 1}")
     stopped = stop_with(signal.SIGINT, proc, log, out)
     assert stopped < MAX_STEPS
