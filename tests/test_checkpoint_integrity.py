@@ -95,7 +95,9 @@ def test_a_truncated_or_corrupt_checkpoint_is_refused_and_auto_resumes_from_the_
     a, b = load_file(str(run / "checkpoint-final" / "adapter_model.safetensors")), load_file(str(
         out / "checkpoint-final" / "adapter_model.safetensors"))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)  # as tests/test_train_e2e.py's resume
+        # one process on one machine: the same float operations in the same order, so bit for bit (as
+        # tests/test_train_e2e.py's resume; measured difference 0)
+        assert torch.equal(a[k], b[k]), k
     assert checkpoint_problem(out / "checkpoint-4") is None  # rewritten whole
 
 
