@@ -175,7 +175,7 @@ def _to(batch: dict, model) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def setup(recipe: Recipe):
+def setup(recipe: Recipe, processor=None):
     """Everything the loop needs, resumed from a checkpoint when one applies."""
     from accelerate.utils import set_seed
 
@@ -197,7 +197,7 @@ def setup(recipe: Recipe):
                               f"train.output_dir")
     set_seed(recipe.train.seed)
     family = get_family(recipe.model.family)
-    processor = family.load_processor(recipe.model.path)
+    processor = processor or family.load_processor(recipe.model.path)  # train() passes the one it checked with
     if recipe.data.num_workers:  # the workers' fork server does its imports while the model loads
         start_worker_server(processor)
     model = family.load_model(recipe.model.path, DTYPES[recipe.model.dtype])
@@ -290,7 +290,7 @@ def _train(recipe: Recipe, received: list, cleanup: contextlib.ExitStack) -> dic
     fallback = check_start(stream_spec(recipe, [d.train], 0, 1, True), probe, d.check_first, d.max_bad_fraction)
     val_fallback = d.val and check_start(stream_spec(recipe, [d.val], 0, 1, False), probe, d.check_first,
                                          d.max_bad_fraction)
-    accelerator, family, model, processor, optimizer, scheduler, state, resume_from = setup(recipe)
+    accelerator, family, model, processor, optimizer, scheduler, state, resume_from = setup(recipe, probe)
     peak_after_setup = peak_rss_bytes()
     t, out = recipe.train, Path(recipe.train.output_dir)
     main = accelerator.is_main_process
