@@ -48,8 +48,8 @@ def quantize_for_inference(model, family, bits: int, keep: set[str] = frozenset(
     from glmtune.adapters.trainable import component_of
 
     names = [n for n, m in model.named_modules()
-             if type(m) is torch.nn.Linear and n != family.OUTPUT_LAYER
-             and component_of(n + ".weight", family.COMPONENTS) == "language"
+             if type(m) is torch.nn.Linear and n != family.output_layer
+             and component_of(n + ".weight", family.components) == "language"
              and not any(n == k or n.startswith(k + ".") or n.endswith("." + k) for k in keep)
              and (bits == 8 or m.in_features % QUANT_BLOCK == 0)]
     if bits == 4:

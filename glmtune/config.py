@@ -17,21 +17,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from glmtune.errors import CheckpointError, NonFiniteError, RecipeError  # noqa: F401  (re-exported)
+
 COMPONENTS = ("vision", "projector", "language")
 COMPONENT_MODES = ("frozen", "lora", "full")
-
-
-class RecipeError(ValueError):
-    """A recipe problem the user must fix; the message says where and how."""
-
-
-class CheckpointError(ValueError):
-    """A model or checkpoint folder glmtune cannot use (config, tokenizer or weight files); names the file."""
-
-
-class NonFiniteError(RecipeError):
-    """Training produced an inf/nan loss or gradient norm (train.on_nonfinite=error); names the step and the last
-    good checkpoint. A RecipeError: the fix is in the recipe (learning rate, data, the policy)."""
 
 
 @dataclass
@@ -240,7 +229,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), check
 
 
 def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
-    from glmtune.models import FAMILIES, FAMILY_COMPONENTS, PACKING_FAMILIES, PTUNING_FAMILIES
+    from glmtune.models import FAMILIES, families_with
 
     def fail(key: str, msg: str):
         raise RecipeError(f"{where}: `{key}` {msg}")
@@ -271,14 +260,14 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
             fail(f"adapter.components.{name}", f"is {mode!r}, must be one of {list(COMPONENT_MODES)}")
     for name in COMPONENTS:
         comps.setdefault(name, "frozen")
-    family, own = recipe.model.family, FAMILY_COMPONENTS[recipe.model.family]
+    family, own = recipe.model.family, FAMILIES[recipe.model.family].components
     for name, mode in comps.items():
         if name not in own and mode != "frozen":
             fail(f"adapter.components.{name}", f"is `{mode}` but {family} is a text model without a {name} "
                                                f"(its only component is the language model); set it to frozen")
-    if recipe.adapter.method == "ptuning" and family not in PTUNING_FAMILIES:
+    if recipe.adapter.method == "ptuning" and not FAMILIES[family].has("ptuning"):
         fail("adapter.method", f"is `ptuning`, which is not implemented for {family} yet (available for: "
-                               f"{', '.join(PTUNING_FAMILIES)}); use lora, dora or qlora")
+                               f"{', '.join(families_with('ptuning'))}); use lora, dora or qlora")
     if recipe.adapter.method in ("none", "ptuning") and "lora" in comps.values():
         lora_key = next(f"adapter.components.{c}" for c, m in comps.items() if m == "lora")
         fail(lora_key, f"is `lora` but adapter.method is `{recipe.adapter.method}`"
@@ -301,9 +290,9 @@ def validate(recipe: Recipe, where: str, check_files: bool = True) -> None:
         fail("train.distributed", f"is `{recipe.train.distributed}` but adapter.method is `qlora`: ZeRO-3 cannot "
                                   f"partition the 4-bit base weights; use zero2 or ddp (the 4-bit base is what "
                                   f"makes the model fit)")
-    if recipe.data.packing and recipe.model.family not in PACKING_FAMILIES:
-        fail("data.packing", f"is true but family `{recipe.model.family}` does not support packing yet (supported: "
-                             f"{', '.join(PACKING_FAMILIES)}); set data.packing=false")
+    if recipe.data.packing and not FAMILIES[family].has("packing"):
+        fail("data.packing", f"is true but family `{family}` does not support packing yet (supported: "
+                             f"{', '.join(families_with('packing'))}); set data.packing=false")
     if recipe.data.batch_tokens and recipe.data.batch_tokens < recipe.data.max_length:
         fail("data.batch_tokens", f"is {recipe.data.batch_tokens}, smaller than data.max_length="
                                   f"{recipe.data.max_length}: a full-length sample would not fit; use 0 (off) or "

@@ -204,11 +204,11 @@ def run_vision_on_every_batch(model, family, zero_stage: int) -> bool:
     and backward, and ZeRO-2 reduces the gradients of trainable tower weights in buckets, so a process with a
     text-only batch beside one with images would wait forever (a known failure of other tools).
     Needed under ZeRO-3, and under ZeRO-2 when the tower has trainable weights; returns whether it applies."""
-    blank = getattr(family, "blank_image_features", None)  # text-only families have no tower
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if blank is None:
+    if not family.has("vision"):  # text-only families have no tower
         return False
-    tower = base.get_submodule(family.COMPONENTS["vision"][0])
+    blank = family.blank_image_features
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tower = base.get_submodule(family.components["vision"][0])
     if zero_stage < 3 and not any(p.requires_grad for p in tower.parameters()):
         return False
     has_images = [True]
@@ -223,7 +223,7 @@ def run_vision_on_every_batch(model, family, zero_stage: int) -> bool:
     # The blank image's features join the embeddings at the module where image features are written in, so
     # that forward and backward visit the modules in the same order as for an image batch (ZeRO-3 checks).
     model.register_forward_pre_hook(note_images, with_kwargs=True)  # the outermost module: PEFT calls the
-    base.get_submodule(family.TOKEN_EMBEDDING).register_forward_hook(add_blank_image)  # base's forward() directly
+    base.get_submodule(family.token_embedding).register_forward_hook(add_blank_image)  # base's forward() directly
     return True
 
 

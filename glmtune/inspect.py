@@ -28,10 +28,10 @@ def inspect_model(model_dir: str | Path, family: str | None = None, meta: bool =
         "components": {},
     }
     for k, v in tensors.items():
-        comp = component_of(k, fam.COMPONENTS) or "other"
+        comp = component_of(k, fam.components) or "other"
         report["components"][comp] = report["components"].get(comp, 0) + v.numel()
     if recipe is not None:
         wrapped = attach(model, fam, recipe.adapter)
-        report["trainable"] = trainable_summary(wrapped, fam.COMPONENTS)
+        report["trainable"] = trainable_summary(wrapped, fam.components)
         report["trainable_parameters"] = {n: list(p.shape) for n, p in wrapped.named_parameters() if p.requires_grad}
     return report

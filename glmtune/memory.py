@@ -73,8 +73,8 @@ def parameter_counts(recipe) -> dict:
             frozen += p.numel() * p.element_size()
     # the LoRA inputs of one layer (the first adapted one; the estimate assumes every layer is alike)
     lora = [(n, m.in_features) for n, m in wrapped.named_modules() if n.endswith(".lora_A.default")
-            and fam.COMPONENTS and component_of(n.replace("base_model.model.", "") + ".weight",
-                                                fam.COMPONENTS) == "language"]
+            and fam.components and component_of(n.replace("base_model.model.", "") + ".weight",
+                                                fam.components) == "language"]
     first = min((layer_index(n) for n, _ in lora if layer_index(n) is not None), default=None)
     return {"frozen_bytes": frozen, "quantized_bytes": quantized, "quantized_params": quantized_n,
             "trainable_bytes": trainable,

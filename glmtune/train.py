@@ -206,7 +206,7 @@ def setup(recipe: Recipe, processor=None):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.enable_input_require_grads()
-    if recipe.data.packing and hasattr(family, "enable_packing"):
+    if recipe.data.packing and family.provides("enable_packing"):
         family.enable_packing(model)  # attention that keeps packed samples apart
     model = attach(model, family, recipe.adapter)
     model.train()

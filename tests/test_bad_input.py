@@ -28,7 +28,7 @@ from glmtune.data.sample import SampleError, Turn
 from glmtune.models import FAMILIES, get_family
 
 ROOT = Path(__file__).resolve().parent.parent
-VISION_FAMILIES = [f for f in FAMILIES if "vision" in get_family(f).COMPONENTS]
+VISION_FAMILIES = [f for f in FAMILIES if get_family(f).has("vision")]
 QA = '{{"messages": [{{"role": "user", "content": "Say {0}."}}, {{"role": "assistant", "content": "{0}"}}]}}'
 BAD = '{"messages": [{"role": "user", "content": "broken"'
 

@@ -210,7 +210,7 @@ def test_quantized_inference(request, name, bits):
     _, quant, _ = load_for_inference(request.getfixturevalue(FAMILIES[name]), quant=bits)
     layer = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     swapped = [n for n, m in quant.named_modules() if isinstance(m, layer)]
-    assert swapped and all(family.OUTPUT_LAYER not in n for n in swapped)
+    assert swapped and all(family.output_layer not in n for n in swapped)
 
     def nbytes(m):
         return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])

@@ -50,7 +50,7 @@ def test_activations_match_saved_tensors(family, checkpointing, dtype, request):
     model.train()
     processor = fam.load_processor(path)
     T, B = recipe.data.max_length, recipe.train.batch_size
-    vision = "vision" in fam.COMPONENTS
+    vision = "vision" in fam.components
     item = processor.encode([Turn("user", ("<image>" if vision else "") + "hi"), Turn("assistant", "so " * T)],
                             [Image.new("RGB", (64, 64), (200, 10, 10))] if vision else [], "x", max_length=T)
     item.pop("truncated")

@@ -39,7 +39,7 @@ FULL_STATE_METHODS = ("none", "ptuning")  # checkpoints hold plain tensors under
 def attach(model, family, cfg):
     """Return the model to train: frozen base with the recipe's adapters and trainable components."""
     if cfg.method == "none":
-        set_trainable(model, family.COMPONENTS, cfg.components)
+        set_trainable(model, family.components, cfg.components)
         return model
     return METHODS[cfg.method](model, family, cfg)
 

@@ -50,19 +50,19 @@ def _attach_lora(model, family, cfg):
 
     modes = cfg.components
     lora_comps = [c for c, m in modes.items() if m == "lora"]
-    leaves = {c: list(cfg.target) or family.LORA_TARGETS[c] for c in lora_comps}
+    leaves = {c: list(cfg.target) or family.lora_targets[c] for c in lora_comps}
     full, loose = [], []
     for comp in [c for c, m in modes.items() if m == "full"]:
-        modules, params = peft_full_targets(model, family.COMPONENTS, comp)
+        modules, params = peft_full_targets(model, family.components, comp)
         full, loose = full + modules, loose + params
-    targets = lora_target_regex(family.COMPONENTS, lora_comps, leaves)
+    targets = lora_target_regex(family.components, lora_comps, leaves)
     if cfg.layers:  # only these language-model layers (other components keep every layer)
         targets = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)
-                   and (component_of(name, family.COMPONENTS) != "language" or layer_index(name) in cfg.layers)]
-        found = {layer_index(n) for n in targets if component_of(n, family.COMPONENTS) == "language"}
+                   and (component_of(name, family.components) != "language" or layer_index(name) in cfg.layers)]
+        found = {layer_index(n) for n in targets if component_of(n, family.components) == "language"}
         if set(cfg.layers) - found:
             n_layers = 1 + max((layer_index(n) for n, _ in model.named_modules()
-                                if component_of(n, family.COMPONENTS) == "language" and layer_index(n) is not None),
+                                if component_of(n, family.components) == "language" and layer_index(n) is not None),
                                default=-1)
             raise RecipeError(f"adapter.layers={list(cfg.layers)}: layer {sorted(set(cfg.layers) - found)[0]} does "
                               f"not exist or has no LoRA target; the language model has layers 0..{n_layers - 1}")
@@ -78,7 +78,7 @@ def _attach_lora(model, family, cfg):
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # PEFT: "Target modules ... not found in the base model"
         raise RecipeError(f"adapter.target {list(cfg.target)} matched no Linear layer in components "
-                         f"{lora_comps}; defaults are {family.LORA_TARGETS} ({e})") from None
+                         f"{lora_comps}; defaults are {family.lora_targets} ({e})") from None
     for name in loose:  # parameters of a `full` component that PEFT cannot wrap
         model.get_parameter(name).requires_grad_(True)
     return peft_model

@@ -18,19 +18,18 @@ from pathlib import Path
 import torch
 
 from glmtune.adapters.trainable import set_trainable
-from glmtune.config import CheckpointError, RecipeError
-from glmtune.models import PTUNING_FAMILIES
+from glmtune.errors import CheckpointError, RecipeError
+from glmtune.models import families_with
 
 PTUNING_FILE = "ptuning.json"
 PREFIX_MODULE = "transformer.prefix_encoder"
-AVAILABLE = ", ".join(PTUNING_FAMILIES)
 
 
 def attach_ptuning(model, family, cfg):
-    if not hasattr(family, "add_prefix"):
-        raise RecipeError("adapter.method=ptuning is not implemented for this family yet "
-                          f"(available for: {AVAILABLE}); use lora/dora/qlora")
-    set_trainable(model, family.COMPONENTS, cfg.components)
+    if not family.has("ptuning"):
+        raise RecipeError(f"adapter.method=ptuning is not implemented for {family.name} yet "
+                          f"(available for: {', '.join(families_with('ptuning'))}); use lora/dora/qlora")
+    set_trainable(model, family.components, cfg.components)
     family.add_prefix(model, cfg.num_virtual_tokens, cfg.prefix_projection)
     model.glmtune_ptuning = {"num_virtual_tokens": cfg.num_virtual_tokens, "prefix_projection": cfg.prefix_projection}
     return model
@@ -81,9 +80,9 @@ def load_upstream_prefix(model, family, ckpt: Path, trainable: bool = False) -> 
     if found is None:
         return False
     config, state = found
-    if not hasattr(family, "add_prefix"):
-        raise CheckpointError(f"{ckpt}: a P-tuning v2 prefix, but P-tuning is not implemented for this family "
-                              f"(available for: {AVAILABLE})")
+    if not family.has("ptuning"):
+        raise CheckpointError(f"{ckpt}: a P-tuning v2 prefix, but P-tuning is not implemented for {family.name} "
+                              f"(available for: {', '.join(families_with('ptuning'))})")
     record = {"num_virtual_tokens": config["pre_seq_len"], "prefix_projection": bool(config.get("prefix_projection"))}
     family.add_prefix(model, record["num_virtual_tokens"], record["prefix_projection"])
     model.glmtune_ptuning = record

@@ -28,10 +28,10 @@ def quantizable(model: nn.Module, family, modes: dict[str, str], quantize_vision
     """(linears to quantize, linears kept in full precision because in_features % 64 != 0).
 
     The output head is never quantized (as transformers' bitsandbytes integration skips lm_head)."""
-    components = family.COMPONENTS
+    components = family.components
     chosen, kept = [], []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or name == family.OUTPUT_LAYER:
+        if type(module) is not nn.Linear or name == family.output_layer:
             continue
         comp = component_of(name + ".weight", components)
         if modes.get(comp) != "lora" or (comp == "vision" and not quantize_vision):

@@ -14,17 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmtune.errors import SampleError  # noqa: F401  (re-exported)
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
-
-
-class SampleError(ValueError):
-    """A bad sample. `source` is "file:line" so that the user can find and fix it."""
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 @dataclass

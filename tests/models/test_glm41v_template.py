@@ -536,7 +536,7 @@ def test_safetensors_index(tiny_glm41v):
 def test_normalize_official_flat_config():
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-    from glmtune.models.glm41v import normalize_config
+    from glmtune.models.glm41v.api import normalize_config
 
     raw = json.loads(json.dumps(OFFICIAL_FLAT_CONFIG))
     norm = normalize_config(raw)

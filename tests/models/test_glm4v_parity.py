@@ -74,7 +74,7 @@ def test_glm4_layer_matches_official_code():
 
 @pytest.fixture(scope="module")
 def golden():
-    from glmtune.models.glm4v import load_model
+    from glmtune.models.glm4v.api import load_model
 
     return load_model(GOLDEN), load_file(str(GOLDEN / "golden.safetensors"))
 
@@ -135,7 +135,7 @@ def test_left_padded_batches_match_upstream(golden, case):
 
 @pytest.mark.parametrize("case", ["text", "image", "image_batch"])
 def test_greedy_generation_with_kv_cache_matches_upstream(golden, case, trace_generate):
-    from glmtune.models.glm4v import generate
+    from glmtune.models.glm4v.api import generate
 
     model, g = golden
     ids, pos, mask = g[f"{case}.input_ids"], g[f"{case}.position_ids"], g[f"{case}.attention_mask"]

@@ -78,7 +78,7 @@ def test_chatglm6b_layer_matches_official_code():
 
 @pytest.fixture(scope="module")
 def golden():
-    from glmtune.models.visualglm import load_model
+    from glmtune.models.visualglm.api import load_model
 
     return load_model(GOLDEN), load_file(str(GOLDEN / "golden.safetensors"))
 
@@ -129,7 +129,7 @@ def test_image_path_matches_upstream_stage_by_stage(golden):
 
 @pytest.mark.parametrize("case", ["text", "image"])
 def test_greedy_generation_with_kv_cache_matches_upstream(golden, case, trace_generate):
-    from glmtune.models.visualglm import generate
+    from glmtune.models.visualglm.api import generate
 
     model, g = golden
     batch = {"input_ids": g[f"{case}.input_ids"], "position_ids": g[f"{case}.position_ids"],

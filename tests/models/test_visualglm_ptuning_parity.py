@@ -63,7 +63,7 @@ def official_layout(out: Path, g, meta, variant: str) -> Path:
 
 @pytest.fixture(scope="module")
 def models(goldens, tmp_path_factory):
-    from glmtune.models.visualglm import load_model
+    from glmtune.models.visualglm.api import load_model
 
     g, _, meta = goldens
     root = tmp_path_factory.mktemp("ptuning-golden")
@@ -116,7 +116,7 @@ def test_padded_batch_and_image_logits_match_upstream(models, goldens, variant):
 @pytest.mark.parametrize("case", ["text", "text_batch", "image"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generation_with_kv_cache_matches_upstream(models, goldens, variant, case, trace_generate):
-    from glmtune.models.visualglm import generate
+    from glmtune.models.visualglm.api import generate
 
     g, _, _ = goldens
     model = models[variant]
@@ -133,7 +133,7 @@ def test_upstream_ptuning_output_folder_loads_as_adapter(goldens, tmp_path):
     the prefix encoder only; glmtune applies it to the base like its own checkpoints (chat/eval --adapter)."""
     from glmtune.adapters import load_trained
     from glmtune.models import get_family
-    from glmtune.models.visualglm import load_model
+    from glmtune.models.visualglm.api import load_model
 
     g, g0, meta = goldens
     real = g0["text_batch.attention_mask"].bool()
@@ -156,7 +156,7 @@ def test_exported_projection_prefix_is_the_plain_upstream_form(goldens, tmp_path
     """`glmtune merge` writes a prefix_projection prefix as its table (embedding through the MLP), prefix_projection
     false: upstream's projection logits from a plain prefix encoder."""
     from glmtune.merge import prefix_table
-    from glmtune.models.visualglm import load_model
+    from glmtune.models.visualglm.api import load_model
 
     g, g0, meta = goldens
     table = prefix_table(prefix_weights(g, "projection"))

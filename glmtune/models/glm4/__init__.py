@@ -1,26 +1,18 @@
-"""GLM-4-9B-Chat (THUDM/glm-4-9b-chat): the text model of GLM-4V-9B, same native code without the vision tower."""
+"""GLM-4-9B-Chat (THUDM/glm-4-9b-chat): the text model of GLM-4V-9B, the same native code without the vision
+tower (functions in api.py)."""
 
-from __future__ import annotations
+from glmtune.models.family import Family
+from glmtune.models.glm4v import FAMILY as _GLM4V
+from glmtune.models.glm4v import is_glm4_chatglm
 
-from functools import partial
-
-from glmtune.models.glm4v import COMPONENTS as _VISION_COMPONENTS
-from glmtune.models.glm4v import LORA_TARGETS as _VISION_TARGETS
-from glmtune.models.glm4v import (
-    OUTPUT_LAYER,
-    add_prefix,
-    build_model,
-    generate,
-    generation_eos,
-    load_model,
-    load_processor,
-    stream,
+FAMILY = Family(
+    name="glm4",
+    title="GLM-4-9B-Chat",
+    module="glmtune.models.glm4.api",
+    recognizes=lambda config: is_glm4_chatglm(config) and not config.get("vision_config"),
+    components={"language": _GLM4V.components["language"]},
+    lora_targets={"language": _GLM4V.lora_targets["language"]},
+    output_layer=_GLM4V.output_layer,
+    capabilities=frozenset({"ptuning", "packing"}),
+    architectures=("ChatGLMModel",),
 )
-from glmtune.models.glm4v.tiny import make_tiny as _make_tiny
-
-COMPONENTS = {"language": _VISION_COMPONENTS["language"]}
-LORA_TARGETS = {"language": _VISION_TARGETS["language"]}
-make_tiny = partial(_make_tiny, vision=False)
-
-__all__ = ["COMPONENTS", "OUTPUT_LAYER", "add_prefix", "LORA_TARGETS", "build_model", "load_model",
-           "load_processor", "make_tiny", "generation_eos", "generate", "stream"]

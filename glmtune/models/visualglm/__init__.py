@@ -1,86 +1,33 @@
-"""VisualGLM-6B (THUDM/visualglm-6b): native ChatGLM-6B + BLIP-2 (EVA-CLIP + Q-Former), official `.bin` layout."""
+"""VisualGLM-6B (THUDM/visualglm-6b): native ChatGLM-6B + BLIP-2 (EVA-CLIP + Q-Former), official `.bin` layout
+(functions in api.py)."""
 
-from __future__ import annotations
-
-from functools import partial
-from pathlib import Path
-
-import torch
-
-from glmtune.generation import GenerationOptions, collect, decode_steps
-from glmtune.models.visualglm.config import load_config
-from glmtune.models.visualglm.model import ChatGLMForConditionalGeneration
-from glmtune.models.visualglm.template import ChatGLMProcessor
-from glmtune.models.visualglm.tiny import make_tiny
-from glmtune.models.weights import load_official
-
-# The Q-Former and glm_proj bridge the image into the LM: they are the projector.
-COMPONENTS = {
-    "vision": ["image_encoder"],
-    "projector": ["image_encoder.qformer", "image_encoder.glm_proj"],
-    "language": ["transformer", "lm_head"],
-}
-# Upstream (SwissArmyTransformer LoraMixin, finetune_visualglm.py): LoRA on query_key_value and dense.
-LORA_TARGETS = {
-    "vision": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
-    "projector": ["query_key_value", "dense", "query", "key_value", "dense_h_to_4h", "dense_4h_to_h"],
-    "language": ["query_key_value", "dense"],
-}
-# lm_head is tied to the word embeddings; it stays in full precision under QLoRA.
-OUTPUT_LAYER = "lm_head"
-# The module whose output the image features are written into (see blank_image_features).
-TOKEN_EMBEDDING = "transformer.word_embeddings"
+from glmtune.models.family import Family
 
 
-def build_model(path: str | Path, meta: bool = False) -> ChatGLMForConditionalGeneration:
-    cfg = load_config(path)
-    with torch.device("meta" if meta else "cpu"):
-        return ChatGLMForConditionalGeneration(cfg)
+def is_chatglm6b(config: dict) -> bool:
+    """The 2023 ChatGLM-6B generation of the `chatglm` config format (2-D positions)."""
+    return config.get("model_type") == "chatglm" and bool(config.get("position_encoding_2d"))
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Official checkpoint folder (sharded .bin, read with weights_only=True, or safetensors) -> model."""
-    return load_official(partial(build_model, path), path, dtype).eval()
-
-
-def load_processor(path: str | Path) -> ChatGLMProcessor:
-    return ChatGLMProcessor(path)
-
-
-def add_prefix(model, num_virtual_tokens: int, projection: bool) -> None:
-    """P-tuning v2: a trainable `transformer.prefix_encoder` (fp32) shaped as ChatGLM-6B's remote code builds it
-    (one key and one value of hidden width per layer and virtual token; with `projection`, its MLP)."""
-    from glmtune.models.visualglm.model import PrefixEncoder
-
-    device = model.transformer.word_embeddings.weight.device
-    model.transformer.prefix_encoder = PrefixEncoder(model.config, num_virtual_tokens, projection).to(device)
-
-
-def generation_eos(model) -> list[int]:
-    return [model.config.eos_token_id]
-
-
-def blank_image_features(model) -> torch.Tensor:
-    """BLIP-2 on one blank image: DeepSpeed runs it for text-only batches too (see distributed.py)."""
-    eva = model.config.eva_config
-    weight = next(model.image_encoder.parameters())
-    return model.image_encoder(torch.zeros(1, eva.in_channels, *eva.image_size, dtype=weight.dtype))
-
-
-def stream(model, batch: dict, options: GenerationOptions, eos: list[int], pad_id: int):
-    """Decoding steps with the KV cache: new tokens keep the [gMASK] position, block position counts on."""
-
-    def advance(pos):  # (B, 2, 1): [position, block position]
-        return torch.stack([pos[:, 0], pos[:, 1] + 1], dim=1)
-
-    last = batch["position_ids"][:, :, -1:]  # left padding keeps the last column real
-    return decode_steps(model, batch, options, eos, pad_id, advance, last)
-
-
-def generate(model, batch: dict, max_new_tokens: int, eos: list[int], pad_id: int) -> torch.Tensor:
-    """Greedy new tokens (B, <= max_new_tokens)."""
-    return collect(stream(model, batch, GenerationOptions(max_new_tokens=max_new_tokens), eos, pad_id))
-
-
-__all__ = ["COMPONENTS", "LORA_TARGETS", "OUTPUT_LAYER", "add_prefix", "build_model", "load_model", "load_processor",
-           "make_tiny", "generation_eos", "generate", "stream"]
+FAMILY = Family(
+    name="visualglm",
+    title="VisualGLM-6B",
+    module="glmtune.models.visualglm.api",
+    recognizes=lambda config: is_chatglm6b(config) and bool(config.get("eva_config")),
+    # The Q-Former and glm_proj bridge the image into the LM: they are the projector.
+    components={
+        "vision": ("image_encoder",),
+        "projector": ("image_encoder.qformer", "image_encoder.glm_proj"),
+        "language": ("transformer", "lm_head"),
+    },
+    # Upstream (SwissArmyTransformer LoraMixin, finetune_visualglm.py): LoRA on query_key_value and dense.
+    lora_targets={
+        "vision": ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        "projector": ("query_key_value", "dense", "query", "key_value", "dense_h_to_4h", "dense_4h_to_h"),
+        "language": ("query_key_value", "dense"),
+    },
+    output_layer="lm_head",  # tied to the word embeddings; stays in full precision under QLoRA
+    token_embedding="transformer.word_embeddings",
+    capabilities=frozenset({"vision", "ptuning", "packing"}),
+    architectures=("ChatGLMModel",),
+)
