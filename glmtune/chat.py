@@ -111,8 +111,7 @@ def set_english(family, processor, english: bool) -> None:
     if not english:
         return
     if not hasattr(processor, "language") or getattr(processor.cfg, "eva_config", None) is None:
-        name = family.__name__.rsplit(".", 1)[-1]
-        raise RecipeError(f"--english: only VisualGLM-6B has an English prompt variant, not the {name} family")
+        raise RecipeError(f"--english: only VisualGLM-6B has an English prompt variant, not the {family.name} family")
     processor.language = "en"
 
 
